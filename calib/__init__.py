@@ -1,0 +1,5 @@
+"""Calibration data: seeded token windows from local files or hub datasets."""
+
+from .data import DataSpec, Windows, embedded_sample_path, make_windows
+
+__all__ = ["DataSpec", "Windows", "embedded_sample_path", "make_windows"]

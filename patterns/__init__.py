@@ -1,0 +1,1 @@
+"""F/S sharing patterns and the pattern file that `indexcache search` writes."""

@@ -1,0 +1,78 @@
+"""The pattern file `indexcache search` writes: the F/S string plus everything that produced it.
+
+Schema (version 1), one JSON object:
+    schema_version      1
+    index_topk_pattern  F/S string, one letter per layer (the key transformers, vLLM and SGLang read)
+    full_layers         indices of the F layers
+    num_layers, num_full, ratio   N, the F count, and the requested ratio (null when --num-full was given)
+    description         one line on what the file is
+    model               {name, model_type, config_sha256, num_layers, index_topk, indexer_layers}
+    calibration         {source, dataset, dataset_config, split, text_column, num_samples, seq_len, seed,
+                         window_offset, tokens_available, fingerprint (sha256 of the token windows)}
+    seed                the calibration seed
+    search              {strategy, blocks, forced_full, pruning, cache, layer_forwards, seconds, device, dtype}
+    versions            {indexcache, torch, transformers, datasets, python}
+    loss_all_full       mean next-token NLL with every available indexer on
+    loss_final          mean next-token NLL with the pattern
+    trajectory          [{step, flipped, pattern, loss, candidates {layer: loss}, candidate_windows {layer: n}}]
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from ..errors import IndexCacheError
+from .layout import validate
+
+SCHEMA_VERSION = 1
+REQUIRED = ("schema_version", "index_topk_pattern", "num_layers", "model")
+
+
+def library_versions() -> dict[str, str]:
+    import datasets
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "indexcache": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def read(path: str | Path) -> dict:
+    """Load and check a pattern file; any problem is one IndexCacheError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise IndexCacheError(f"pattern file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexCacheError(f"pattern file {path} is not valid JSON ({exc.__class__.__name__}); re-run search") from None
+    if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
+        raise IndexCacheError(f"pattern file {path} lacks {', '.join(REQUIRED)}; is it an indexcache pattern file?")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise IndexCacheError(
+            f"pattern file {path} has schema version {data['schema_version']}; this indexcache reads {SCHEMA_VERSION}"
+        )
+    try:
+        validate(data["index_topk_pattern"], data["num_layers"])
+    except IndexCacheError as exc:
+        raise IndexCacheError(f"pattern file {path}: {exc}") from None
+    return data
+
+
+def check_matches(data: dict, model_type: str, num_layers: int, source: str) -> None:
+    """Refuse a pattern made for another architecture or depth."""
+    if data["model"].get("model_type") != model_type:
+        raise IndexCacheError(
+            f"pattern was found for model type {data['model'].get('model_type')} but {source} is {model_type}"
+        )
+    if data["num_layers"] != num_layers:
+        raise IndexCacheError(f"pattern has {data['num_layers']} layers but {source} has {num_layers}")

@@ -1,0 +1,236 @@
+"""The Python API behind the CLI: `search`, `evaluate`."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import defaults
+from .atomic import write_json
+from .backends import select_backend
+from .calib import DataSpec, Windows, make_windows
+from .errors import IndexCacheError
+from .forward import LayerwiseModel
+from .models import LoadedModel, load_model
+from .patch import index_sharing
+from .patterns import file as pattern_file
+from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
+from .scoring import CachedScorer, PatternScorer, PrunedScorer, plan_cache
+from .search import Observer, SearchState, block_starts, greedy_search, initial_state
+
+
+@contextmanager
+def _calibration_context(loaded: LoadedModel, kernels: str):
+    """No grad, eval mode, the F/S patch and the chosen kernels, for one loaded model."""
+    lw = LayerwiseModel(loaded.model, loaded.arch)
+    backend, indexer_fn, attn = select_backend(loaded.arch, lw.input_device, kernels)
+    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch, None, indexer_fn, attn) as state:
+        yield lw, state, backend
+
+
+def _state_path(output: Path) -> Path:
+    return output.with_name(output.name + ".state.json")
+
+
+def _make_scorer(strategy, lw, state, windows: Windows, batch_size, cache, prune_keep):
+    if strategy not in defaults.STRATEGIES:
+        raise IndexCacheError(f"--strategy {strategy} is not one of {', '.join(defaults.STRATEGIES)}")
+    if strategy == "naive":
+        return PatternScorer(lw, state, windows.input_ids, batch_size)
+    plan = plan_cache(lw, windows.input_ids, cache)
+    if strategy == "cached":
+        return CachedScorer(lw, state, windows.input_ids, batch_size, plan)
+    return PrunedScorer(lw, state, windows.input_ids, batch_size, plan, keep=prune_keep)
+
+
+def search(
+    model: str | None = None,
+    ratio: float | None = defaults.RATIO,
+    num_full: int | None = None,
+    data: DataSpec | None = None,
+    output: str | Path = defaults.OUTPUT,
+    strategy: str = defaults.STRATEGY,
+    blocks: int | None = None,
+    resume: bool = False,
+    batch_size: int = defaults.BATCH_SIZE,
+    cache: str = defaults.CACHE,
+    prune_keep: float = defaults.PRUNE_KEEP,
+    kernels: str = defaults.KERNELS,
+    dtype: str = defaults.DTYPE,
+    device: str = defaults.DEVICE,
+    device_map: str | None = None,
+    tokenizer: str | None = None,
+    observer: Observer | None = None,
+    log=print,
+) -> dict:
+    """Greedy IndexCache search; writes the pattern file atomically to `output` and returns its contents.
+
+    The search state is saved beside `output` (`<output>.state.json`) after every step; `resume=True`
+    continues from it and ends with the same pattern as an uninterrupted run.
+    """
+    data = data or DataSpec()
+    output = Path(output)
+    if num_full is None and ratio is not None:
+        num_full_for_ratio(ratio, 1)  # reject a bad ratio before loading anything
+    state_path = _state_path(output)
+    if resume and not state_path.exists():
+        raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
+
+    loaded = load_model(model, dtype, device, device_map, tokenizer)
+    n = loaded.num_layers
+    target = num_full if num_full is not None else num_full_for_ratio(ratio, n)
+    if not 1 <= target <= n:
+        raise IndexCacheError(f"--num-full {target} must lie between 1 and the number of layers ({n})")
+    windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id)
+    forced = block_starts(n, blocks) if blocks else []
+    if len(loaded.indexer_layers) < n:
+        missing = sorted(set(range(n)) - set(loaded.indexer_layers))
+        log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
+
+    with _calibration_context(loaded, kernels) as (lw, sharing, backend):
+        scorer = _make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
+        inputs_key = {
+            "model_config_sha256": loaded.config_sha256, "data_fingerprint": windows.fingerprint,
+            "strategy": strategy, "target_full": target, "forced_full": forced, "batch_size": batch_size,
+            "dtype": str(loaded.model.dtype), "kernels": backend,
+        }
+        if resume:
+            saved = json.loads(state_path.read_text())
+            if saved["inputs"] != inputs_key:
+                changed = [k for k in inputs_key if saved["inputs"].get(k) != inputs_key[k]]
+                raise IndexCacheError(f"--resume: saved search differs in {', '.join(changed)}; run without --resume")
+            state = SearchState.from_json(saved["state"])
+            layer_forwards_before, seconds_before = saved["layer_forwards"], saved["seconds"]
+            log(f"resuming after step {len(state.trajectory)} from {state_path}")
+        else:
+            state = initial_state(n, loaded.indexer_layers, target, forced)
+            layer_forwards_before, seconds_before = 0, 0.0
+        if isinstance(scorer, CachedScorer):
+            log(f"strategy {strategy}: {scorer.plan.describe()}")
+        if len(full_layers(state.start_pattern)) <= target:
+            log(f"the checkpoint has only {len(full_layers(state.start_pattern))} indexers: nothing to remove")
+        started = time.perf_counter()
+
+        def save(st: SearchState) -> None:
+            write_json(state_path, {
+                "inputs": inputs_key, "state": st.to_json(),
+                "layer_forwards": layer_forwards_before + scorer.layer_forwards,
+                "seconds": seconds_before + time.perf_counter() - started,
+            })
+
+        state = greedy_search(scorer, state, observer, save)
+        seconds = seconds_before + time.perf_counter() - started
+        final_loss = state.trajectory[-1].loss if state.trajectory else state.loss_all_full
+
+    pattern = state.pattern
+    config = loaded.model.config
+    result = {
+        "schema_version": pattern_file.SCHEMA_VERSION,
+        "index_topk_pattern": pattern,
+        "full_layers": full_layers(pattern),
+        "num_layers": n,
+        "num_full": len(full_layers(pattern)),
+        "ratio": ratio if num_full is None else None,
+        "description": (
+            f"IndexCache pattern for {loaded.name}: {len(full_layers(pattern))} of {n} layers keep their indexer; "
+            "S layers reuse the top-k of the nearest preceding F layer"
+        ),
+        "model": {
+            "name": loaded.name,
+            "model_type": loaded.arch.model_type,
+            "config_sha256": loaded.config_sha256,
+            "num_layers": n,
+            "index_topk": getattr(config, "index_topk", None),
+            "indexer_layers": loaded.indexer_layers,
+        },
+        "calibration": windows.describe(),
+        "seed": data.seed,
+        "search": {
+            "strategy": strategy,
+            "blocks": blocks,
+            "forced_full": forced,
+            "pruning": scorer.describe() if isinstance(scorer, PrunedScorer) else None,
+            "cache": scorer.plan.describe() if isinstance(scorer, CachedScorer) else None,
+            "layer_forwards": layer_forwards_before + scorer.layer_forwards,
+            "seconds": round(seconds, 3),
+            "device": str(lw.input_device),
+            "dtype": str(loaded.model.dtype).replace("torch.", ""),
+            "kernels": backend,
+            "batch_size": batch_size,
+        },
+        "versions": pattern_file.library_versions(),
+        "loss_all_full": state.loss_all_full,
+        "loss_final": final_loss,
+        "trajectory": [s.__dict__ for s in state.trajectory],
+    }
+    write_json(output, result)
+    state_path.unlink(missing_ok=True)
+    return result
+
+
+def _named_patterns(data: dict, indexer_layers: list[int]) -> list[tuple[str, str]]:
+    n, num_full = data["num_layers"], len(full_layers(data["index_topk_pattern"]))
+    return [
+        ("pattern", data["index_topk_pattern"]),
+        ("all-F", from_full_layers(indexer_layers, n)),
+        ("uniform", uniform(n, num_full, indexer_layers)),
+    ]
+
+
+def evaluate(
+    pattern_path: str | Path,
+    model: str | None = None,
+    data: DataSpec | None = None,
+    batch_size: int = defaults.BATCH_SIZE,
+    kernels: str = defaults.KERNELS,
+    dtype: str = defaults.DTYPE,
+    device: str = defaults.DEVICE,
+    device_map: str | None = None,
+    tokenizer: str | None = None,
+    json_path: str | Path | None = None,
+    log=print,
+) -> list[dict]:
+    """Held-out loss of the pattern, of all-F and of the uniform interleave with the same F count.
+
+    By default the data is the pattern's own calibration source with the windows that follow the calibration
+    windows in the same seeded order, so the two sets never overlap.
+    """
+    data_file = pattern_file.read(pattern_path)
+    recorded = data_file["model"]["name"]
+    loaded = load_model(model or (None if recorded.startswith("embedded:") else recorded), dtype, device, device_map,
+                        tokenizer)
+    pattern_file.check_matches(data_file, loaded.arch.model_type, loaded.num_layers, loaded.name)
+    if data_file["model"].get("config_sha256") != loaded.config_sha256:
+        log("note: the model's config.json differs from the one the pattern was searched on")
+    if data is None:
+        calib = data_file["calibration"]
+        data = DataSpec(
+            dataset=calib["dataset"], dataset_config=calib["dataset_config"], split=calib["split"],
+            text_column=calib["text_column"], num_samples=calib["num_samples"], seq_len=calib["seq_len"],
+            seed=calib["seed"],
+        )
+        offset = calib["window_offset"] + calib["num_samples"]
+    else:
+        offset = 0
+    windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id, offset=offset)
+    rows = []
+    with _calibration_context(loaded, kernels) as (lw, sharing, _):
+        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)
+        for name, pattern in _named_patterns(data_file, loaded.indexer_layers):
+            rows.append({"name": name, "pattern": pattern, "num_full": len(full_layers(pattern)),
+                         "loss": scorer.loss(pattern)})
+    base = rows[1]["loss"]
+    for row in rows:
+        row["delta_vs_all_full"] = row["loss"] - base
+        row["perplexity"] = float(torch.tensor(row["loss"]).exp())
+    if json_path is not None:
+        write_json(json_path, {"pattern_file": str(pattern_path), "model": loaded.name,
+                               "data": windows.describe(), "results": rows})
+    return rows
+
+
+__all__ = ["evaluate", "search"]

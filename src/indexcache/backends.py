@@ -1,0 +1,31 @@
+"""How F layers select and how attention consumes the indices: stock transformers, or the Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import IndexCacheError
+from .models import DsaArchitecture
+from .patch import IndexerFn, reference_indexer
+
+CHOICES = ("auto", "triton", "reference")
+
+
+def select_backend(arch: DsaArchitecture, device: torch.device, choice: str = "auto") -> tuple[str, IndexerFn, str | None]:
+    """Returns (name, indexer_fn, attn_implementation) for `index_sharing`.
+
+    `auto` takes the Triton kernels on CUDA and the stock transformers path (the reference) elsewhere.
+    """
+    if choice not in CHOICES:
+        raise IndexCacheError(f"--kernels {choice} is not one of {', '.join(CHOICES)}")
+    if choice == "reference" or (choice == "auto" and device.type != "cuda"):
+        return "reference", reference_indexer, None
+    if device.type != "cuda":
+        raise IndexCacheError("--kernels triton needs a CUDA GPU; use --kernels reference on CPU")
+    from .kernels import wiring
+
+    def triton_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
+        return wiring.indexer_topk(indexer, arch.indexer_rope, hidden_states, q_resid, position_embeddings,
+                                   indexer.index_topk)
+
+    return "triton", triton_indexer, wiring.register_sparse_attention()

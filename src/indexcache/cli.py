@@ -1,0 +1,205 @@
+"""`indexcache` command line: a thin Typer layer over `indexcache.api` (defaults live in `defaults.py`)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import defaults
+from .errors import IndexCacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find and use IndexCache patterns (which DSA layers keep their lightning indexer).")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def friendly_errors(fn):
+    """Every user-fixable failure becomes one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        try:
+            return fn(*args, **kwargs)
+        except IndexCacheError as exc:
+            _fail(str(exc))
+        except torch.cuda.OutOfMemoryError:
+            _fail("CUDA out of memory: lower --seq-len or --batch-size, use --cache host, or spread the model "
+                  "over GPUs with --device-map auto")
+        except KeyboardInterrupt:
+            _fail("interrupted; the search state saved after the last step can be continued with --resume")
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+    return wrapper
+
+
+def _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed):
+    from .calib import DataSpec
+
+    if num_samples < 1 or seq_len < 2:
+        raise IndexCacheError("--num-samples must be ≥ 1 and --seq-len ≥ 2")
+    return DataSpec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+
+
+# Options shared by search and eval.
+Model = typer.Option(None, "--model", help="Checkpoint folder or hub id (default: the embedded tiny GLM-DSA model).")
+Dataset = typer.Option(None, help="Local .txt/.jsonl/.json/.parquet file or folder, or a hub dataset name "
+                       "(default: the embedded calibration sample).")
+DatasetConfig = typer.Option(None, help="Hub dataset configuration name.")
+Split = typer.Option(defaults.SPLIT, help="Dataset split (hub datasets).")
+TextColumn_ = typer.Option(defaults.TEXT_COLUMN, help="Column holding the text.")
+SeqLen = typer.Option(defaults.SEQ_LEN, help="Tokens per calibration window.")
+Seed = typer.Option(defaults.SEED, help="Seed for choosing the windows.")
+BatchSize = typer.Option(defaults.BATCH_SIZE, help="Windows per forward.")
+Kernels = typer.Option(defaults.KERNELS, help="auto (Triton on CUDA), triton, or reference (stock transformers).")
+Dtype = typer.Option(defaults.DTYPE, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
+Device = typer.Option(defaults.DEVICE, help="auto, cpu, cuda or cuda:N.")
+DeviceMap = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs (accelerate).")
+Tokenizer = typer.Option(None, help="Tokenizer folder, when the checkpoint has none.")
+
+
+class _RichObserver:
+    """Draws the greedy search: one bar per step, candidate being scored and best loss so far."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = None
+
+    def step_started(self, step, total, candidates):
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.step_label = f"step {step}/{total}"
+        self.task = self.progress.add_task(self.step_label, total=len(candidates), best="–")
+
+    def candidate_scored(self, layer, score, best):
+        best_text = f"{best:.5f}" if best != float("inf") else "–"
+        self.progress.update(self.task, advance=1, best=best_text,
+                             description=f"{self.step_label} · layer {layer} → S: {score.loss:.5f}")
+
+    def step_committed(self, step):
+        self.progress.console.print(
+            f"step {step.step}: layer {step.flipped} → S   loss {step.loss:.5f}   {step.pattern}", highlight=False
+        )
+
+
+@app.command()
+@friendly_errors
+def search(
+    model: Optional[str] = Model,
+    ratio: float = typer.Option(defaults.RATIO, help="Fraction of indexers to keep, in (0, 1]: F = ceil(ratio·N)."),
+    num_full: Optional[int] = typer.Option(None, help="Number of F layers to keep (overrides --ratio)."),
+    output: Path = typer.Option(Path(defaults.OUTPUT), "--output", "-o", help="Pattern JSON to write."),
+    dataset: Optional[str] = Dataset,
+    dataset_config: Optional[str] = DatasetConfig,
+    split: str = Split,
+    text_column: str = TextColumn_,
+    num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of calibration windows."),
+    seq_len: int = SeqLen,
+    seed: int = Seed,
+    strategy: str = typer.Option(defaults.STRATEGY, help="naive, cached (prefix reuse, same answer) or pruned."),
+    blocks: Optional[int] = typer.Option(None, help="Pipeline stages: force the first layer of each of P blocks F."),
+    resume: bool = typer.Option(False, help="Continue the search saved beside --output."),
+    batch_size: int = BatchSize,
+    cache: str = typer.Option(defaults.CACHE, help="Prefix cache: auto, device, host or every:K."),
+    prune_keep: float = typer.Option(defaults.PRUNE_KEEP, help="Fraction of candidates kept per pruning stage."),
+    kernels: str = Kernels,
+    dtype: str = Dtype,
+    device: str = Device,
+    device_map: Optional[str] = DeviceMap,
+    tokenizer: Optional[str] = Tokenizer,
+):
+    """Greedy search for the F/S pattern with the lowest calibration loss; writes a pattern JSON."""
+    from . import api
+
+    data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err,
+                  transient=True) as progress:
+        result = api.search(
+            model, None if num_full is not None else ratio, num_full, data, output, strategy, blocks, resume,
+            batch_size, cache, prune_keep, kernels, dtype, device, device_map, tokenizer,
+            observer=_RichObserver(progress), log=lambda m: progress.console.print(m, highlight=False),
+        )
+    out.print(
+        f"[bold]{result['index_topk_pattern']}[/]  {result['num_full']}/{result['num_layers']} F   "
+        f"loss {result['loss_final']:.5f} (all-F {result['loss_all_full']:.5f})   "
+        f"{result['search']['layer_forwards']:,} layer-forwards in {result['search']['seconds']:.1f} s → {output}",
+        highlight=False,
+    )
+
+
+@app.command("eval")
+@friendly_errors
+def eval_(
+    pattern: Path = typer.Argument(..., help="Pattern JSON written by `indexcache search`."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint (default: the one the pattern records)."),
+    dataset: Optional[str] = typer.Option(None, help="Held-out data (default: the pattern's calibration source, "
+                                          "windows disjoint from the calibration ones)."),
+    dataset_config: Optional[str] = DatasetConfig,
+    split: str = Split,
+    text_column: str = TextColumn_,
+    num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of held-out windows (with --dataset)."),
+    seq_len: int = SeqLen,
+    seed: int = Seed,
+    batch_size: int = BatchSize,
+    kernels: str = Kernels,
+    dtype: str = Dtype,
+    device: str = Device,
+    device_map: Optional[str] = DeviceMap,
+    tokenizer: Optional[str] = Tokenizer,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+):
+    """Held-out loss of the pattern vs all-F and the uniform interleave with the same number of F layers."""
+    from . import api
+
+    data = None
+    if dataset is not None:
+        data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+    rows = api.evaluate(pattern, model, data, batch_size, kernels, dtype, device, device_map, tokenizer, json_path,
+                        log=lambda m: err.print(m, highlight=False))
+    table = Table(title=f"held-out loss · {pattern}")
+    for col, kw in [("", {}), ("F/S pattern", {}), ("F", {"justify": "right"}), ("loss", {"justify": "right"}),
+                    ("Δ vs all-F", {"justify": "right"}), ("ppl", {"justify": "right"})]:
+        table.add_column(col, **kw)
+    for r in rows:
+        table.add_row(r["name"], r["pattern"], str(r["num_full"]), f"{r['loss']:.5f}",
+                      f"{r['delta_vs_all_full']:+.5f}", f"{r['perplexity']:.3f}")
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
+def apply(
+    pattern: Path = typer.Argument(..., help="Pattern JSON written by `indexcache search`."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint folder to copy."),
+    output: Path = typer.Option(..., "--output", "-o", help="New checkpoint folder to create."),
+    copy: bool = typer.Option(False, help="Copy weight files instead of symlinking them."),
+):
+    """Write a servable copy of a checkpoint with the pattern in config.json (index_topk_pattern)."""
+    from .export import apply_pattern
+
+    path = apply_pattern(pattern, model, output, copy)
+    out.print(f"wrote {path} (config.json carries index_topk_pattern; weights {'copied' if copy else 'linked'})")
+
+
+def main() -> None:
+    app(prog_name="indexcache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

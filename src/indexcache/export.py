@@ -1,0 +1,62 @@
+"""`indexcache apply`: a servable copy of a checkpoint whose config.json carries the pattern."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import IndexCacheError
+from .models import architecture_for
+from .patterns import file as pattern_file
+from .patterns.layout import indexer_types
+
+# Keys that express an older sharing schedule; the pattern replaces them.
+_SCHEDULE_KEYS = ("index_topk_freq", "index_skip_topk_offset")
+
+
+def apply_pattern(pattern_path: str | Path, model_dir: str | Path, output_dir: str | Path, copy: bool = False) -> Path:
+    """Write `output_dir`: `model_dir` with `index_topk_pattern` (and `indexer_types`) in config.json.
+
+    Weights and tokenizer files are symlinked (copied with `copy=True`). transformers' GlmMoeDsaConfig
+    prefers an explicit `indexer_types` list over `index_topk_pattern`, so both are written, consistently.
+    The folder appears all at once: it is built beside the target and renamed into place.
+    """
+    data = pattern_file.read(pattern_path)
+    model_dir, output_dir = Path(model_dir).expanduser(), Path(output_dir).expanduser()
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise IndexCacheError(f"{model_dir} has no config.json; point --model at a checkpoint folder")
+    if output_dir.exists():
+        raise IndexCacheError(f"output {output_dir} already exists; choose a new folder")
+    config = json.loads(config_path.read_text())
+    arch = architecture_for(config.get("model_type"))
+    pattern_file.check_matches(data, arch.model_type, config.get("num_hidden_layers"), str(model_dir))
+
+    pattern = data["index_topk_pattern"]
+    for key in _SCHEDULE_KEYS:
+        config.pop(key, None)
+    config["index_topk_pattern"] = pattern
+    config["indexer_types"] = indexer_types(pattern)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from a serving engine's user
+    try:
+        for item in sorted(model_dir.iterdir()):
+            if item.name == "config.json":
+                continue
+            target = staging / item.name
+            if copy:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+            else:
+                os.symlink(item.resolve(), target)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "indexcache_pattern.json").write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir

@@ -1,0 +1,14 @@
+"""Model adapters (one file per DSA family) and checkpoint loading."""
+
+from . import deepseek_v32, glm_moe_dsa  # noqa: F401  (registers the adapters)
+from .loading import LoadedModel, embedded_model_path, load_model
+from .registry import DsaArchitecture, architecture_for, supported_families
+
+__all__ = [
+    "DsaArchitecture",
+    "LoadedModel",
+    "architecture_for",
+    "embedded_model_path",
+    "load_model",
+    "supported_families",
+]

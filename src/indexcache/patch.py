@@ -1,0 +1,137 @@
+"""The F/S patch: make every DSA attention layer of a loaded model honour one mutable sharing pattern.
+
+Inside `index_sharing(model, arch)`, each layer's indexer is replaced by an `_IndexerSwitch`. F layers run
+their own indexer and leave its top-k indices in one shared buffer; S layers skip their indexer entirely and
+return that buffer. Layers run in order, so the buffer always holds the indices of the nearest preceding F
+layer: the meaning transformers' `glm_moe_dsa` gives to `index_topk_pattern`. The pattern can be changed
+between forwards without reloading anything; leaving the context puts every original indexer back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import IndexCacheError
+from .models import DsaArchitecture
+from .patterns.layout import FULL, validate
+
+# (indexer module, hidden_states, q_resid, position_embeddings, attention_mask, cache) -> int32 [B, S, k]
+IndexerFn = Callable[..., torch.Tensor]
+
+
+class SharingState:
+    """The pattern in force and the index buffer shared by all layers of one model.
+
+    Attributes:
+        pattern: F/S string, one letter per layer; assign to change it between forwards.
+        buffer: int [B, S, k] top-k indices of the last F layer that ran, or None before layer 0.
+        indexer_calls: how often each layer's indexer really ran (tests use it to prove S layers skip).
+    """
+
+    def __init__(self, pattern: str, indexer_layers: list[int]):
+        self.indexer_layers = set(indexer_layers)
+        self.buffer: torch.Tensor | None = None
+        self.indexer_calls: Counter[int] = Counter()
+        self.pattern = pattern
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern
+
+    @pattern.setter
+    def pattern(self, pattern: str) -> None:
+        missing = [i for i, c in enumerate(pattern) if c == FULL and i not in self.indexer_layers]
+        if missing:
+            raise IndexCacheError(f"layers {missing} have no indexer weights in this checkpoint, so they cannot be F")
+        self._pattern = pattern
+
+
+class _IndexerSwitch(nn.Module):
+    """Stands in for one layer's indexer: runs it on F layers, returns the shared buffer on S layers."""
+
+    def __init__(self, layer_idx: int, indexer: nn.Module | None, state: SharingState, compute: IndexerFn):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.inner = indexer
+        self.state = state
+        self.compute = compute
+
+    def forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None, cache=None):
+        state = self.state
+        if state.pattern[self.layer_idx] == FULL:
+            state.indexer_calls[self.layer_idx] += 1
+            state.buffer = self.compute(self.inner, hidden_states, q_resid, position_embeddings, attention_mask, cache)
+            return state.buffer
+        if state.buffer is None:
+            raise IndexCacheError(f"layer {self.layer_idx} is S but no earlier F layer ran in this forward")
+        # Under accelerate's device_map the previous F layer may sit on another GPU.
+        return state.buffer.to(hidden_states.device, non_blocking=True)
+
+
+def reference_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
+    """The stock transformers indexer: the definition of what an F layer selects."""
+    return indexer(hidden_states, q_resid, position_embeddings, attention_mask, None, cache=cache)
+
+
+def indexer_layers(model: nn.Module, arch: DsaArchitecture) -> list[int]:
+    """Layers whose attention carries an indexer module (and so can be F)."""
+    return [i for i, layer in enumerate(arch.layers(model)) if getattr(arch.attention(layer), arch.indexer_attr, None)]
+
+
+@contextmanager
+def index_sharing(
+    model: nn.Module,
+    arch: DsaArchitecture,
+    pattern: str | None = None,
+    indexer_fn: IndexerFn = reference_indexer,
+    attn_implementation: str | None = None,
+) -> Iterator[SharingState]:
+    """Patch `model` in place so every DSA layer follows `state.pattern`; restore it on exit.
+
+    Args:
+        model: a loaded DSA CausalLM (`arch.model_type`).
+        pattern: initial F/S string; defaults to F on every layer that has an indexer.
+        indexer_fn: how an F layer computes its top-k (the stock indexer, or a fused kernel).
+        attn_implementation: an attention registered in transformers' `AttentionInterface` to use inside the
+            context (the sparse kernel consumes the indices directly), or None to keep the model's own.
+    Yields:
+        the `SharingState`; assign `state.pattern` to flip layers between forwards.
+    """
+    layers = arch.layers(model)
+    available = indexer_layers(model, arch)
+    if 0 not in available:
+        raise IndexCacheError("layer 0 has no indexer weights, so no layer can compute top-k indices")
+    if pattern is None:
+        pattern = "".join(FULL if i in available else "S" for i in range(len(layers)))
+    state = SharingState(validate(pattern, len(layers)), available)
+
+    originals = []
+    for i, layer in enumerate(layers):
+        attn = arch.attention(layer)
+        was_module = arch.indexer_attr in attn._modules
+        inner = getattr(attn, arch.indexer_attr, None)
+        originals.append((attn, inner, was_module))
+        if not was_module:
+            # glm_moe_dsa stores `indexer = None` on layers built as shared; make room for a submodule.
+            del attn.__dict__[arch.indexer_attr]
+        setattr(attn, arch.indexer_attr, _IndexerSwitch(i, inner, state, indexer_fn))
+    previous_attn = model.config._attn_implementation
+    try:
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        yield state
+    finally:
+        if attn_implementation is not None:
+            model.set_attn_implementation(previous_attn)
+        for attn, inner, was_module in originals:
+            if was_module:
+                setattr(attn, arch.indexer_attr, inner)
+            else:
+                del attn._modules[arch.indexer_attr]
+                attn.__dict__[arch.indexer_attr] = inner
+        state.buffer = None

@@ -1,0 +1,258 @@
+"""Calibration loss of F/S patterns, and the three ways the search scores its candidates.
+
+- `naive`: every candidate is a full forward over all windows.
+- `cached`: flipping layer l to S changes nothing below l, so each candidate restarts at l from the committed
+  pattern's cached hidden states and index buffer (prefix reuse). Bit-identical losses to `naive`.
+- `pruned`: `cached` plus successive halving over the windows: score all candidates on a few windows, keep
+  the best half, add windows, until the survivors are scored on all of them.
+Every scorer counts the decoder-layer forwards (layer × window) it ran.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .forward import LayerInputs, LayerwiseModel
+from .patch import SharingState
+from .patterns.layout import FULL, SHARED
+
+
+def flip(pattern: str, layer: int) -> str:
+    """The pattern with `layer` turned from F into S."""
+    return pattern[:layer] + SHARED + pattern[layer + 1 :]
+
+
+@dataclass
+class CandidateScore:
+    """Mean token NLL of one candidate over the first `windows` calibration windows (all, unless pruned)."""
+
+    loss: float
+    windows: int
+
+
+class PatternScorer:
+    """Exact loss of any pattern over the calibration windows, by full forwards (the `naive` strategy).
+
+    Args:
+        windows: int64 [N, L] calibration token windows, run `batch_size` windows at a time.
+    """
+
+    strategy = "naive"
+
+    def __init__(self, lw: LayerwiseModel, state: SharingState, windows: torch.Tensor, batch_size: int = 1):
+        self.lw = lw
+        self.state = state
+        self.batches = list(windows.split(batch_size))
+        self.num_windows = windows.shape[0]
+        self.tokens_per_window = windows.shape[1] - 1
+        self.layer_forwards = 0
+
+    def _mean(self, nll_sums: list[torch.Tensor]) -> float:
+        windows = sum(s.numel() for s in nll_sums)
+        return float(torch.cat(nll_sums).sum() / (windows * self.tokens_per_window))
+
+    @torch.no_grad()
+    def _batch_nll(self, pattern: str, b: int) -> torch.Tensor:
+        """Summed NLL per window of batch `b` under `pattern`, by a full forward. fp64 [batch]."""
+        ids = self.batches[b]
+        self.state.pattern = pattern
+        hidden, inputs = self.lw.embed(ids)
+        hidden = self.lw.run_layers(hidden, inputs, 0, self.lw.num_layers)
+        self.layer_forwards += self.lw.num_layers * ids.shape[0]
+        return self.lw.nll_sum(hidden, ids)
+
+    def loss(self, pattern: str) -> float:
+        return self._mean([self._batch_nll(pattern, b) for b in range(len(self.batches))])
+
+    def commit(self, pattern: str) -> float | None:
+        """Make `pattern` the committed one. Full forwards need no state, so there is no loss to return."""
+        return None
+
+    def score(self, pattern: str, candidates: list[int], on_candidate=None) -> dict[int, CandidateScore]:
+        """Loss of each `flip(pattern, l)` for l in `candidates`."""
+        scores = {}
+        for layer in candidates:
+            scores[layer] = CandidateScore(self.loss(flip(pattern, layer)), self.num_windows)
+            if on_candidate:
+                on_candidate(layer, scores[layer])
+        return scores
+
+
+@dataclass
+class _BatchCache:
+    """Committed-pattern activations of one batch of windows.
+
+    Attributes:
+        hidden: layer → hidden [B, S, D] entering that layer (kept layers only).
+        entering_index: layer → top-k indices [B, S, k] in the buffer when that layer starts.
+    """
+
+    inputs: LayerInputs
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    entering_index: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Where the prefix cache lives and how sparsely it keeps layers.
+
+    Attributes:
+        location: "device" (the model's own device) or "host" (CPU memory, pinned when a GPU is used).
+        every: keep the hidden states entering every `every`-th layer; candidates recompute from the nearest
+            kept layer below them.
+    """
+
+    location: str = "device"
+    every: int = 1
+
+    def describe(self) -> str:
+        kept = "every layer" if self.every == 1 else f"every {self.every} layers (recomputing between)"
+        return f"prefix cache in {self.location} memory, {kept}"
+
+
+def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto") -> CachePlan:
+    """Choose where the prefix cache fits: `device`, `host`, `every:K`, or `auto` (from free memory)."""
+    if requested.startswith("every:"):
+        return CachePlan("host" if lw.input_device.type == "cuda" else "device", max(1, int(requested[6:])))
+    if requested in ("device", "host"):
+        return CachePlan(requested, 1)
+    hidden_size = lw.base.config.hidden_size
+    itemsize = lw.base.embed_tokens.weight.element_size()
+    need = lw.num_layers * windows.numel() * hidden_size * itemsize
+    host_free = _host_available_bytes()
+    if lw.input_device.type == "cuda":
+        device_free, _ = torch.cuda.mem_get_info(lw.input_device)
+        if need <= 0.5 * device_free:
+            return CachePlan("device", 1)
+    if need <= 0.5 * host_free:
+        return CachePlan("host" if lw.input_device.type == "cuda" else "device", 1)
+    return CachePlan("host" if lw.input_device.type == "cuda" else "device", math.ceil(need / (0.5 * host_free)))
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class CachedScorer(PatternScorer):
+    """Scores a flip of layer l by restarting at l from the committed pattern's cached prefix (`cached`)."""
+
+    strategy = "cached"
+
+    def __init__(self, lw, state, windows, batch_size=1, plan: CachePlan | None = None):
+        super().__init__(lw, state, windows, batch_size)
+        self.plan = plan or CachePlan()
+        self.committed: str | None = None
+        self.cache: list[_BatchCache] = []
+        self.committed_loss: float | None = None
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        if self.plan.location == "host" and t.is_cuda:
+            return t.to("cpu").pin_memory()
+        return t
+
+    def _load(self, t: torch.Tensor | None, like: torch.device) -> torch.Tensor | None:
+        return None if t is None else t.to(like, non_blocking=True)
+
+    @torch.no_grad()
+    def _run_from(self, pattern: str, b: int, start: int, record: bool) -> torch.Tensor:
+        """Run batch `b` from kept layer `start` to the end under `pattern`; optionally refresh the cache."""
+        entry = self.cache[b]
+        ids = self.batches[b]
+        self.state.pattern = pattern
+        hidden = self._load(entry.hidden[start], self.lw.input_device)
+        self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
+        for layer in range(start, self.lw.num_layers):
+            if record:
+                entry.entering_index[layer] = self.state.buffer
+                if layer % self.plan.every == 0:
+                    entry.hidden[layer] = self._store(hidden)
+            hidden = self.lw.run_layers(hidden, entry.inputs, layer, layer + 1)
+        self.layer_forwards += (self.lw.num_layers - start) * ids.shape[0]
+        return self.lw.nll_sum(hidden, ids)
+
+    @torch.no_grad()
+    def commit(self, pattern: str) -> float | None:
+        """Cache `pattern`'s activations and return its loss. After a flip of layer l only activations from l on
+        change, so only those are recomputed."""
+        if self.committed is None:
+            self.cache = []
+            for ids in self.batches:
+                hidden, inputs = self.lw.embed(ids)
+                self.cache.append(_BatchCache(inputs, {0: self._store(hidden)}, {0: None}))
+            start = 0
+        else:
+            start = next(i for i, (a, c) in enumerate(zip(self.committed, pattern, strict=True)) if a != c)
+        first_kept = start - start % self.plan.every
+        sums = [self._run_from(pattern, b, first_kept, record=True) for b in range(len(self.batches))]
+        self.committed = pattern
+        self.committed_loss = self._mean(sums)
+        return self.committed_loss
+
+    def _flip_nll(self, layer: int, b: int) -> torch.Tensor:
+        assert self.committed is not None and self.committed[layer] == FULL
+        start = layer - layer % self.plan.every
+        return self._run_from(flip(self.committed, layer), b, start, record=False)
+
+    def score(self, pattern, candidates, on_candidate=None):
+        if pattern != self.committed:
+            self.commit(pattern)
+        scores = {}
+        for layer in candidates:
+            sums = [self._flip_nll(layer, b) for b in range(len(self.batches))]
+            scores[layer] = CandidateScore(self._mean(sums), self.num_windows)
+            if on_candidate:
+                on_candidate(layer, scores[layer])
+        return scores
+
+
+class PrunedScorer(CachedScorer):
+    """`cached` plus successive halving over window batches: only promising candidates see every window.
+
+    Stage s scores the surviving candidates on the first `stages[s]` batches (re-using earlier batches' sums),
+    then keeps the best `keep` fraction (at least `min_survivors`). Only the final stage's losses are exact.
+    """
+
+    strategy = "pruned"
+
+    def __init__(self, lw, state, windows, batch_size=1, plan=None, keep: float = 0.5, min_survivors: int = 2):
+        super().__init__(lw, state, windows, batch_size, plan)
+        self.keep = keep
+        self.min_survivors = min_survivors
+        n = len(self.batches)
+        stages, size = [], max(1, n // 8)
+        while size < n:
+            stages.append(size)
+            size *= 2
+        self.stages = [*stages, n]
+
+    def describe(self) -> dict:
+        return {"keep": self.keep, "min_survivors": self.min_survivors, "stage_batches": self.stages}
+
+    def score(self, pattern, candidates, on_candidate=None):
+        if pattern != self.committed:
+            self.commit(pattern)
+        sums: dict[int, list[torch.Tensor]] = {layer: [] for layer in candidates}
+        alive = list(candidates)
+        scores: dict[int, CandidateScore] = {}
+        for s, upto in enumerate(self.stages):
+            for layer in alive:
+                sums[layer] += [self._flip_nll(layer, b) for b in range(len(sums[layer]), upto)]
+                seen = sum(t.numel() for t in sums[layer])
+                scores[layer] = CandidateScore(self._mean(sums[layer]), seen)
+            if s + 1 < len(self.stages):
+                survivors = max(self.min_survivors, math.ceil(self.keep * len(alive)))
+                alive = sorted(alive, key=lambda layer: (scores[layer].loss, layer))[:survivors]
+        if on_candidate:
+            for layer in candidates:
+                on_candidate(layer, scores[layer])
+        return scores

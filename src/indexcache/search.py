@@ -1,0 +1,133 @@
+"""Greedy IndexCache search (Bai et al., arXiv 2603.12201, training-free variant).
+
+Start with every layer F; at each step try turning each remaining F layer (never layer 0, never a forced
+block start) into S, score the calibration loss, commit the flip with the lowest loss (ties: lowest layer),
+and stop at the target number of F layers. Every candidate's loss is recorded. How candidates are scored
+(full forwards, prefix reuse, pruning) lives in `scoring.py`; this file is only the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from .errors import IndexCacheError
+from .patterns.layout import FULL, from_full_layers, full_layers
+from .scoring import CandidateScore, PatternScorer, flip
+
+
+@dataclass
+class Step:
+    """One committed flip: the layer turned S, the new pattern and its loss, and every candidate's score."""
+
+    step: int
+    flipped: int
+    pattern: str
+    loss: float
+    candidates: dict[int, float]
+    candidate_windows: dict[int, int]
+
+
+@dataclass
+class SearchState:
+    """Everything needed to continue a search: saved beside the output after every step."""
+
+    start_pattern: str
+    target_full: int
+    forced_full: list[int]
+    loss_all_full: float | None = None
+    trajectory: list[Step] = field(default_factory=list)
+
+    @property
+    def pattern(self) -> str:
+        return self.trajectory[-1].pattern if self.trajectory else self.start_pattern
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchState:
+        steps = [
+            Step(**{**s, "candidates": {int(k): v for k, v in s["candidates"].items()},
+                    "candidate_windows": {int(k): v for k, v in s["candidate_windows"].items()}})
+            for s in data["trajectory"]
+        ]
+        return cls(data["start_pattern"], data["target_full"], data["forced_full"], data["loss_all_full"], steps)
+
+
+def block_starts(num_layers: int, blocks: int) -> list[int]:
+    """First layer of each of `blocks` contiguous pipeline stages (sizes as equal as possible, larger first)."""
+    if not 1 <= blocks <= num_layers:
+        raise IndexCacheError(f"--blocks {blocks} must lie between 1 and the number of layers ({num_layers})")
+    base, extra = divmod(num_layers, blocks)
+    starts, at = [], 0
+    for b in range(blocks):
+        starts.append(at)
+        at += base + (b < extra)
+    return starts
+
+
+def initial_state(num_layers: int, indexer_layers: list[int], target_full: int, forced: list[int]) -> SearchState:
+    """All layers with an indexer start F; the search removes indexers until `target_full` remain."""
+    missing = [f for f in forced if f not in indexer_layers]
+    if missing:
+        raise IndexCacheError(f"layers {missing} must be F (pipeline block starts) but have no indexer weights")
+    if target_full < len(set(forced) | {0}):
+        raise IndexCacheError(
+            f"the target keeps {target_full} F layers but layer 0 and the block starts already need "
+            f"{len(set(forced) | {0})}; raise --ratio/--num-full or lower --blocks"
+        )
+    return SearchState(from_full_layers(indexer_layers, num_layers), target_full, sorted(forced))
+
+
+class Observer:
+    """Progress hooks; the CLI draws them with rich. All no-ops by default."""
+
+    def step_started(self, step: int, total: int, candidates: list[int]) -> None: ...
+    def candidate_scored(self, layer: int, score: CandidateScore, best: float) -> None: ...
+    def step_committed(self, step: Step) -> None: ...
+
+
+def greedy_search(
+    scorer: PatternScorer,
+    state: SearchState,
+    observer: Observer | None = None,
+    checkpoint: Callable[[SearchState], None] | None = None,
+) -> SearchState:
+    """Run (or continue) the greedy search from `state` until it holds `state.target_full` F layers."""
+    observer = observer or Observer()
+    pattern = state.pattern
+    loss = scorer.commit(pattern)
+    if state.loss_all_full is None:
+        state.loss_all_full = loss if loss is not None else scorer.loss(pattern)
+    total = len(full_layers(state.start_pattern)) - state.target_full
+    while len(full_layers(pattern)) > state.target_full:
+        candidates = [i for i in full_layers(pattern) if i != 0 and i not in state.forced_full]
+        observer.step_started(len(state.trajectory) + 1, total, candidates)
+        best = [float("inf")]
+
+        def report(layer: int, score: CandidateScore) -> None:
+            if score.windows == scorer.num_windows:
+                best[0] = min(best[0], score.loss)
+            observer.candidate_scored(layer, score, best[0])
+
+        scores = scorer.score(pattern, candidates, on_candidate=report)
+        # Only candidates scored on every window compete (pruning leaves others with partial losses).
+        exact = [i for i in candidates if scores[i].windows == scorer.num_windows]
+        chosen = min(exact, key=lambda i: (scores[i].loss, i))
+        pattern = flip(pattern, chosen)
+        step = Step(
+            step=len(state.trajectory) + 1,
+            flipped=chosen,
+            pattern=pattern,
+            loss=scores[chosen].loss,
+            candidates={i: s.loss for i, s in scores.items()},
+            candidate_windows={i: s.windows for i, s in scores.items()},
+        )
+        state.trajectory.append(step)
+        scorer.commit(pattern)
+        observer.step_committed(step)
+        if checkpoint:
+            checkpoint(state)
+    assert pattern[0] == FULL
+    return state
