@@ -61,6 +61,8 @@ def deepseek_model(seed: int = 0, num_layers: int = 4, index_topk: int = 8) -> D
         n_routed_experts=4,
         num_experts_per_tok=2,
         first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
         q_lora_rank=24,
         kv_lora_rank=16,
         qk_nope_head_dim=8,

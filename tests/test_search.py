@@ -1,0 +1,132 @@
+"""Greedy search: each step is the brute-force argmin, rounding, layer 0, determinism, resume, strategies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import glm_model, random_ids
+
+from indexcache.errors import IndexCacheError
+from indexcache.forward import LayerwiseModel
+from indexcache.models import architecture_for
+from indexcache.patch import index_sharing
+from indexcache.patterns.layout import num_full_for_ratio
+from indexcache.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip
+from indexcache.search import SearchState, block_starts, greedy_search, initial_state
+
+NUM_LAYERS = 7
+ARCH = architecture_for("glm_moe_dsa")
+
+
+def _run(strategy: str, target: int, seed: int = 0, plan: CachePlan | None = None, state=None, checkpoint=None,
+         batch_size: int = 2, forced=()):
+    model = glm_model(seed=seed, num_layers=NUM_LAYERS)
+    windows = random_ids(4, 40, seed=seed)
+    lw = LayerwiseModel(model, ARCH)
+    with torch.no_grad(), index_sharing(model, ARCH) as sharing:
+        scorer = {
+            "naive": lambda: PatternScorer(lw, sharing, windows, batch_size),
+            "cached": lambda: CachedScorer(lw, sharing, windows, batch_size, plan),
+            "pruned": lambda: PrunedScorer(lw, sharing, windows, 1, plan),
+        }[strategy]()
+        state = state or initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), target, list(forced))
+        result = greedy_search(scorer, state, checkpoint=checkpoint)
+    return result, scorer, (model, windows)
+
+
+def _brute_force_losses(model, windows, pattern: str, candidates: list[int]) -> dict[int, float]:
+    lw = LayerwiseModel(model, ARCH)
+    with torch.no_grad(), index_sharing(model, ARCH) as sharing:
+        scorer = PatternScorer(lw, sharing, windows, batch_size=4)  # other batching than the search's
+        return {layer: scorer.loss(flip(pattern, layer)) for layer in candidates}
+
+
+@pytest.mark.parametrize("seed", [0, 1], ids=lambda s: f"seed{s}")
+def test_each_step_is_the_brute_force_argmin(seed):
+    state, _, (model, windows) = _run("naive", target=2, seed=seed)
+    assert len(state.trajectory) == NUM_LAYERS - 2
+    previous = "F" * NUM_LAYERS
+    for step in state.trajectory:
+        candidates = [i for i, c in enumerate(previous) if c == "F" and i != 0]
+        assert sorted(step.candidates) == candidates
+        brute = _brute_force_losses(model, windows, previous, candidates)
+        for layer in candidates:
+            assert step.candidates[layer] == pytest.approx(brute[layer], rel=1e-6)
+        assert step.flipped == min(candidates, key=lambda i: (brute[i], i))
+        assert step.pattern == flip(previous, step.flipped)
+        previous = step.pattern
+    assert state.pattern[0] == "F" and state.pattern.count("F") == 2
+
+
+@pytest.mark.parametrize(
+    "ratio,layers,expected",
+    [(0.25, 16, 4), (0.25, 78, 20), (0.5, 7, 4), (1.0, 7, 7), (0.01, 7, 1), (0.3, 10, 3), (1 / 3, 9, 3)],
+    ids=lambda v: str(v),
+)
+def test_ratio_rounding(ratio, layers, expected):
+    assert num_full_for_ratio(ratio, layers) == expected
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan")], ids=str)
+def test_ratio_outside_unit_interval_is_rejected(ratio):
+    with pytest.raises(IndexCacheError, match="outside"):
+        num_full_for_ratio(ratio, 16)
+
+
+def test_target_one_keeps_only_layer_zero_and_runs_are_deterministic():
+    first, _, _ = _run("cached", target=1)
+    second, _, _ = _run("cached", target=1)
+    assert first.pattern == "F" + "S" * (NUM_LAYERS - 1)
+    assert [s.__dict__ for s in first.trajectory] == [s.__dict__ for s in second.trajectory]
+
+
+@pytest.mark.parametrize("plan", [CachePlan("device", 1), CachePlan("device", 3)], ids=["every1", "every3"])
+def test_cached_equals_naive(plan):
+    naive, naive_scorer, _ = _run("naive", target=2)
+    cached, cached_scorer, _ = _run("cached", target=2, plan=plan)
+    assert cached.pattern == naive.pattern
+    assert cached.loss_all_full == pytest.approx(naive.loss_all_full, rel=1e-6)
+    for a, b in zip(naive.trajectory, cached.trajectory, strict=True):
+        assert a.flipped == b.flipped
+        assert b.candidates == pytest.approx(a.candidates, rel=1e-6)
+    assert cached_scorer.layer_forwards < naive_scorer.layer_forwards
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cached", "pruned"])
+def test_interrupted_search_resumes_to_the_same_pattern(strategy):
+    full, _, _ = _run(strategy, target=2)
+    saved = {}
+
+    def stop_after_two(state: SearchState) -> None:
+        saved["json"] = state.to_json()
+        if len(state.trajectory) == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        _run(strategy, target=2, checkpoint=stop_after_two)
+    resumed, _, _ = _run(strategy, target=2, state=SearchState.from_json(saved["json"]))
+    assert resumed.pattern == full.pattern
+    assert [s.__dict__ for s in resumed.trajectory] == [s.__dict__ for s in full.trajectory]
+
+
+def test_pruned_scores_fewer_windows_and_commits_only_exact_candidates():
+    pruned, scorer, _ = _run("pruned", target=2)
+    _, cached_scorer, _ = _run("cached", target=2, batch_size=1)
+    assert scorer.layer_forwards < cached_scorer.layer_forwards
+    for step in pruned.trajectory:
+        assert step.candidate_windows[step.flipped] == scorer.num_windows
+        if len(step.candidates) > 2:
+            assert min(step.candidate_windows.values()) < scorer.num_windows
+
+
+def test_blocks_force_pipeline_stage_starts():
+    assert block_starts(10, 3) == [0, 4, 7]
+    assert block_starts(78, 4) == [0, 20, 40, 59]
+    state, _, _ = _run("cached", target=3, forced=block_starts(NUM_LAYERS, 3))
+    assert [i for i, c in enumerate(state.pattern) if c == "F"] == block_starts(NUM_LAYERS, 3)
+    with pytest.raises(IndexCacheError, match="block starts"):
+        initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, block_starts(NUM_LAYERS, 3))
