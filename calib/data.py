@@ -31,6 +31,12 @@ class DataSpec:
     seq_len: int = 1024
     seed: int = 0
 
+    def __post_init__(self):
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise IndexCacheError(
+                f"--num-samples ({self.num_samples}) must be ≥ 1 and --seq-len ({self.seq_len}) ≥ 2"
+            )
+
 
 @dataclass(frozen=True)
 class Windows:

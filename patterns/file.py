@@ -57,6 +57,10 @@ def read(path: str | Path) -> dict:
         raise IndexCacheError(f"pattern file {path} is not valid JSON ({exc.__class__.__name__}); re-run search") from None
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
         raise IndexCacheError(f"pattern file {path} lacks {', '.join(REQUIRED)}; is it an indexcache pattern file?")
+    if not isinstance(data["model"], dict) or not isinstance(data["model"].get("model_type"), str):
+        raise IndexCacheError(f"pattern file {path}: 'model' must be an object with a 'model_type'")
+    if not isinstance(data["num_layers"], int) or isinstance(data["num_layers"], bool):
+        raise IndexCacheError(f"pattern file {path}: 'num_layers' is not an integer: {data['num_layers']!r}")
     if data["schema_version"] != SCHEMA_VERSION:
         raise IndexCacheError(
             f"pattern file {path} has schema version {data['schema_version']}; this indexcache reads {SCHEMA_VERSION}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,13 +33,46 @@ def _calibration_context(loaded: LoadedModel, kernels: str):
         yield lw, state, backend
 
 
-def _state_path(output: Path) -> Path:
+def search_state_path(output: Path) -> Path:
+    """Where `search` saves its state after every step, for `resume=True`."""
     return output.with_name(output.name + ".state.json")
 
 
-def _make_scorer(strategy, lw, state, windows: Windows, batch_size, cache, prune_keep):
+def _read_state(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not {"inputs", "state", "layer_forwards", "seconds"} <= saved.keys():
+        raise IndexCacheError(f"--resume: {path} is not a saved search; delete it and run without --resume")
+    return saved
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise IndexCacheError(f"--batch-size {batch_size} must be at least 1")
+
+
+def _check_search_options(output: Path, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep):
+    """Reject bad search options before a model is loaded, so a typo costs seconds, not a model load."""
+    if output.is_dir():
+        raise IndexCacheError(f"output {output} is a folder; give the pattern JSON file to write (-o)")
+    if num_full is None:
+        if ratio is None:
+            raise IndexCacheError("give either a ratio or a number of F layers (--ratio / --num-full)")
+        num_full_for_ratio(ratio, 1)
     if strategy not in defaults.STRATEGIES:
         raise IndexCacheError(f"--strategy {strategy} is not one of {', '.join(defaults.STRATEGIES)}")
+    if blocks is not None and blocks < 1:
+        raise IndexCacheError(f"--blocks {blocks} must be at least 1")
+    _check_batch_size(batch_size)
+    if cache not in ("auto", "device", "host") and not re.fullmatch(r"every:[1-9][0-9]*", cache):
+        raise IndexCacheError(f"--cache {cache} is not one of auto, device, host or every:K (K ≥ 1)")
+    if not 0.0 < prune_keep <= 1.0:
+        raise IndexCacheError(f"--prune-keep {prune_keep} is outside (0, 1]: the fraction of candidates kept")
+
+
+def _make_scorer(strategy, lw, state, windows: Windows, batch_size, cache, prune_keep):
     if strategy == "naive":
         return PatternScorer(lw, state, windows.input_ids, batch_size)
     plan = plan_cache(lw, windows.input_ids, cache)
@@ -74,9 +108,8 @@ def search(
     """
     data = data or DataSpec()
     output = Path(output)
-    if num_full is None and ratio is not None:
-        num_full_for_ratio(ratio, 1)  # reject a bad ratio before loading anything
-    state_path = _state_path(output)
+    _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
+    state_path = search_state_path(output)
     if resume and not state_path.exists():
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 
@@ -86,7 +119,7 @@ def search(
     if not 1 <= target <= n:
         raise IndexCacheError(f"--num-full {target} must lie between 1 and the number of layers ({n})")
     windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id)
-    forced = block_starts(n, blocks) if blocks else []
+    forced = block_starts(n, blocks) if blocks is not None else []
     if len(loaded.indexer_layers) < n:
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
@@ -99,7 +132,7 @@ def search(
             "dtype": str(loaded.model.dtype), "kernels": backend,
         }
         if resume:
-            saved = json.loads(state_path.read_text())
+            saved = _read_state(state_path)
             if saved["inputs"] != inputs_key:
                 changed = [k for k in inputs_key if saved["inputs"].get(k) != inputs_key[k]]
                 raise IndexCacheError(f"--resume: saved search differs in {', '.join(changed)}; run without --resume")
@@ -181,6 +214,15 @@ def _named_patterns(data: dict, indexer_layers: list[int]) -> list[tuple[str, st
     ]
 
 
+def _held_out_data(data_file: dict, pattern_path) -> tuple[DataSpec, int]:
+    """The pattern's calibration source, and the offset of the first window after its calibration windows."""
+    calib = data_file.get("calibration")
+    fields = ("dataset", "dataset_config", "split", "text_column", "num_samples", "seq_len", "seed")
+    if not isinstance(calib, dict) or any(k not in calib for k in (*fields, "window_offset")):
+        raise IndexCacheError(f"pattern file {pattern_path} records no calibration data; pass --dataset")
+    return DataSpec(**{k: calib[k] for k in fields}), calib["window_offset"] + calib["num_samples"]
+
+
 def evaluate(
     pattern_path: str | Path,
     model: str | None = None,
@@ -199,23 +241,17 @@ def evaluate(
     By default the data is the pattern's own calibration source with the windows that follow the calibration
     windows in the same seeded order, so the two sets never overlap.
     """
+    _check_batch_size(batch_size)
     data_file = pattern_file.read(pattern_path)
-    recorded = data_file["model"]["name"]
+    recorded = data_file["model"].get("name")
+    if model is None and recorded is None:
+        raise IndexCacheError(f"pattern file {pattern_path} names no model; pass --model")
+    data, offset = (data, 0) if data is not None else _held_out_data(data_file, pattern_path)
     loaded = load_model(model or (None if recorded.startswith("embedded:") else recorded), dtype, device, device_map,
                         tokenizer)
     pattern_file.check_matches(data_file, loaded.arch.model_type, loaded.num_layers, loaded.name)
     if data_file["model"].get("config_sha256") != loaded.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
-    if data is None:
-        calib = data_file["calibration"]
-        data = DataSpec(
-            dataset=calib["dataset"], dataset_config=calib["dataset_config"], split=calib["split"],
-            text_column=calib["text_column"], num_samples=calib["num_samples"], seq_len=calib["seq_len"],
-            seed=calib["seed"],
-        )
-        offset = calib["window_offset"] + calib["num_samples"]
-    else:
-        offset = 0
     windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id, offset=offset)
     rows = []
     with _calibration_context(loaded, kernels) as (lw, sharing, _):
@@ -233,4 +269,4 @@ def evaluate(
     return rows
 
 
-__all__ = ["evaluate", "search"]
+__all__ = ["evaluate", "search", "search_state_path"]

@@ -21,9 +21,9 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def friendly_errors(fn):
@@ -41,7 +41,7 @@ def friendly_errors(fn):
             _fail("CUDA out of memory: lower --seq-len or --batch-size, use --cache host, or spread the model "
                   "over GPUs with --device-map auto")
         except KeyboardInterrupt:
-            _fail("interrupted; the search state saved after the last step can be continued with --resume")
+            _fail("interrupted", 130)
         except OSError as exc:
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
 
@@ -51,8 +51,6 @@ def friendly_errors(fn):
 def _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed):
     from .calib import DataSpec
 
-    if num_samples < 1 or seq_len < 2:
-        raise IndexCacheError("--num-samples must be ≥ 1 and --seq-len ≥ 2")
     return DataSpec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
 
 
@@ -127,19 +125,24 @@ def search(
     from . import api
 
     data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err,
-                  transient=True) as progress:
-        result = api.search(
-            model, None if num_full is not None else ratio, num_full, data, output, strategy, blocks, resume,
-            batch_size, cache, prune_keep, kernels, dtype, device, device_map, tokenizer,
-            observer=_RichObserver(progress), log=lambda m: progress.console.print(m, highlight=False),
-        )
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err,
+                      transient=True) as progress:
+            result = api.search(
+                model, None if num_full is not None else ratio, num_full, data, output, strategy, blocks,
+                resume, batch_size, cache, prune_keep, kernels, dtype, device, device_map, tokenizer,
+                observer=_RichObserver(progress), log=lambda m: progress.console.print(m, highlight=False),
+            )
+    except KeyboardInterrupt:
+        if api.search_state_path(output).exists():
+            _fail("interrupted; run the same command with --resume to continue after the last step", 130)
+        raise
     out.print(
         f"[bold]{result['index_topk_pattern']}[/]  {result['num_full']}/{result['num_layers']} F   "
         f"loss {result['loss_final']:.5f} (all-F {result['loss_all_full']:.5f})   "
         f"{result['search']['layer_forwards']:,} layer-forwards in {result['search']['seconds']:.1f} s → {output}",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 

@@ -31,7 +31,10 @@ def apply_pattern(pattern_path: str | Path, model_dir: str | Path, output_dir: s
         raise IndexCacheError(f"{model_dir} has no config.json; point --model at a checkpoint folder")
     if output_dir.exists():
         raise IndexCacheError(f"output {output_dir} already exists; choose a new folder")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IndexCacheError(f"{config_path} is not valid JSON; point --model at a checkpoint") from None
     arch = architecture_for(config.get("model_type"))
     pattern_file.check_matches(data, arch.model_type, config.get("num_hidden_layers"), str(model_dir))
 
@@ -41,13 +44,13 @@ def apply_pattern(pattern_path: str | Path, model_dir: str | Path, output_dir: s
     config["index_topk_pattern"] = pattern
     config["indexer_types"] = indexer_types(pattern)
 
+    # Listed before staging exists, so an output inside the model folder does not link staging to itself.
+    items = [item for item in sorted(model_dir.iterdir()) if item.name != "config.json"]
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from a serving engine's user
     try:
-        for item in sorted(model_dir.iterdir()):
-            if item.name == "config.json":
-                continue
+        for item in items:
             target = staging / item.name
             if copy:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
