@@ -33,9 +33,7 @@ class DataSpec:
 
     def __post_init__(self):
         if self.num_samples < 1 or self.seq_len < 2:
-            raise IndexCacheError(
-                f"--num-samples ({self.num_samples}) must be ≥ 1 and --seq-len ({self.seq_len}) ≥ 2"
-            )
+            raise IndexCacheError(f"--num-samples ({self.num_samples}) must be ≥ 1 and --seq-len ({self.seq_len}) ≥ 2")
 
 
 @dataclass(frozen=True)
@@ -115,8 +113,7 @@ def make_windows(spec: DataSpec, tokenizer, eos_token_id: int | None, offset: in
         return _pretokenised(rows, spec, offset)
     if spec.text_column not in rows.column_names:
         raise IndexCacheError(
-            f"dataset has no column '{spec.text_column}' (columns: {', '.join(rows.column_names)}); "
-            "pass --text-column"
+            f"dataset has no column '{spec.text_column}' (columns: {', '.join(rows.column_names)}); pass --text-column"
         )
     if tokenizer is None:
         raise IndexCacheError("the model folder has no tokenizer; add its tokenizer files or use input_ids rows")

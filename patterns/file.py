@@ -54,7 +54,9 @@ def read(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexCacheError(f"pattern file {path} is not valid JSON ({exc.__class__.__name__}); re-run search") from None
+        raise IndexCacheError(
+            f"pattern file {path} is not valid JSON ({exc.__class__.__name__}); re-run search"
+        ) from None
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
         raise IndexCacheError(f"pattern file {path} lacks {', '.join(REQUIRED)}; is it an indexcache pattern file?")
     if not isinstance(data["model"], dict) or not isinstance(data["model"].get("model_type"), str):

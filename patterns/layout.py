@@ -20,7 +20,7 @@ def validate(pattern: str, num_layers: int | None = None) -> str:
     if pattern[0] != FULL:
         raise IndexCacheError(f"pattern {pattern!r} starts with S: layer 0 has no earlier indexer to share")
     if num_layers is not None and len(pattern) != num_layers:
-        raise IndexCacheError(f"pattern has {len(pattern)} layers but the model has {num_layers}")
+        raise IndexCacheError(f"pattern has {len(pattern)} letters but {num_layers} layers are expected")
     return pattern
 
 

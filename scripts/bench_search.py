@@ -31,11 +31,24 @@ def glm5_shaped_checkpoint(folder: Path, num_layers: int, seq_len: int, windows:
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
     config = GlmMoeDsaConfig(
-        vocab_size=32768, hidden_size=2048, intermediate_size=5632, num_hidden_layers=num_layers,
-        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=1536, kv_lora_rank=512,
-        qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, index_n_heads=32, index_head_dim=128,
-        index_topk=2048, first_k_dense_replace=num_layers, max_position_embeddings=seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=1,
+        vocab_size=32768,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=num_layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=192,
+        qk_rope_head_dim=64,
+        v_head_dim=256,
+        index_n_heads=32,
+        index_head_dim=128,
+        index_topk=2048,
+        first_k_dense_replace=num_layers,
+        max_position_embeddings=seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        eos_token_id=1,
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -59,17 +72,35 @@ def run(preset: str, strategies: list[str], num_full: int | None, ratio: float) 
             if device == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            result = api.search(model, ratio, num_full, data, Path(tmp) / f"{strategy}.json", strategy,
-                                device=device, log=lambda m: print("  ", m))
+            result = api.search(
+                model,
+                ratio,
+                num_full,
+                data,
+                Path(tmp) / f"{strategy}.json",
+                strategy,
+                device=device,
+                log=lambda m: print("  ", m),
+            )
             wall = time.perf_counter() - started
-            rows.append({
-                "strategy": strategy, "wall_s": round(wall, 2), "search_s": result["search"]["seconds"],
-                "layer_forwards": result["search"]["layer_forwards"], "pattern": result["index_topk_pattern"],
-                "loss_final": result["loss_final"], "loss_all_full": result["loss_all_full"],
-                "kernels": result["search"]["kernels"],
-            })
-            print(f"{strategy:>7}: {rows[-1]['search_s']:8.1f} s  {rows[-1]['layer_forwards']:>7,} layer-forwards  "
-                  f"{rows[-1]['pattern']}  loss {rows[-1]['loss_final']:.5f}", flush=True)
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "wall_s": round(wall, 2),
+                    "search_s": result["search"]["seconds"],
+                    "layer_forwards": result["search"]["layer_forwards"],
+                    "pattern": result["index_topk_pattern"],
+                    "loss_final": result["loss_final"],
+                    "loss_all_full": result["loss_all_full"],
+                    "kernels": result["search"]["kernels"],
+                    "trajectory": result["trajectory"],
+                }
+            )
+            print(
+                f"{strategy:>7}: {rows[-1]['search_s']:8.1f} s  {rows[-1]['layer_forwards']:>7,} layer-forwards  "
+                f"{rows[-1]['pattern']}  loss {rows[-1]['loss_final']:.5f}",
+                flush=True,
+            )
     naive = next((r for r in rows if r["strategy"] == "naive"), None)
     if naive:
         for r in rows:
@@ -77,11 +108,21 @@ def run(preset: str, strategies: list[str], num_full: int | None, ratio: float) 
             r["time_vs_naive"] = round(naive["search_s"] / r["search_s"], 2)
             r["same_pattern_as_naive"] = r["pattern"] == naive["pattern"]
             r["loss_cost_vs_naive"] = r["loss_final"] - naive["loss_final"]
+            if r["strategy"] == "cached":  # exactness: every recorded candidate loss, naive vs cached
+                r["max_rel_diff_vs_naive"] = max(
+                    abs(a["candidates"][k] - b["candidates"][k]) / abs(a["candidates"][k])
+                    for a, b in zip(naive["trajectory"], r["trajectory"], strict=True)
+                    for k in a["candidates"]
+                    if k in b["candidates"]
+                )
+    for r in rows:
+        r["steps"] = len(r.pop("trajectory"))
     return {
         "preset": preset,
         "date": datetime.date.today().isoformat(),
-        "card": torch.cuda.get_device_name() if torch.cuda.is_available() and preset.startswith("gpu") else
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "card": torch.cuda.get_device_name()
+        if torch.cuda.is_available() and preset.startswith("gpu")
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": library_versions(),
         "num_full": num_full,
         "ratio": ratio,
@@ -103,8 +144,10 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{'strategy':>8} {'seconds':>9} {'layer-fwd':>10} {'fwd×':>6} {'time×':>6} same  loss")
     for r in report["rows"]:
-        print(f"{r['strategy']:>8} {r['search_s']:9.1f} {r['layer_forwards']:10,} {r.get('forwards_vs_naive', 0):6.2f} "
-              f"{r.get('time_vs_naive', 0):6.2f} {str(r.get('same_pattern_as_naive', '')):>5} {r['loss_final']:.5f}")
+        print(
+            f"{r['strategy']:>8} {r['search_s']:9.1f} {r['layer_forwards']:10,} {r.get('forwards_vs_naive', 0):6.2f} "
+            f"{r.get('time_vs_naive', 0):6.2f} {str(r.get('same_pattern_as_naive', '')):>5} {r['loss_final']:.5f}"
+        )
     print(f"wrote {out}")
 
 

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from indexcache.calib.data import fingerprint
-from indexcache.patterns.layout import full_layers, indexer_types
-from tiny_models import random_ids
 from typer.testing import CliRunner
 
 from indexcache import api
+from indexcache.calib.data import fingerprint
 from indexcache.cli import app
 from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
 from indexcache.patch import index_sharing
+from indexcache.patterns.layout import full_layers, indexer_types
+
+from tiny_models import random_ids
 
 NUM_LAYERS = 6  # the glm_checkpoint fixture
 NUM_FULL = 3  # ceil(0.5 × 6)
@@ -188,9 +189,7 @@ def test_pretokenised_rows_are_used_as_is(glm_checkpoint, tmp_path):
 # ---------------------------------------------------------------------------------------------- resume
 
 
-def test_interrupted_search_resumes_to_the_same_pattern(
-    searched, glm_checkpoint, text_file, tmp_path, monkeypatch
-):
+def test_interrupted_search_resumes_to_the_same_pattern(searched, glm_checkpoint, text_file, tmp_path, monkeypatch):
     args = search_args(glm_checkpoint, text_file)
     output = tmp_path / "pattern.json"
     state = api.search_state_path(output)
@@ -316,9 +315,7 @@ SEARCH_CASES = [
     pytest.param(lambda p: p.search("--ratio", 1.5), ["--ratio 1.5", "(0, 1]"], id="ratio-1.5"),
     pytest.param(lambda p: p.search("--ratio", -0.1), ["--ratio -0.1", "(0, 1]"], id="ratio-negative"),
     pytest.param(lambda p: p.search("--dataset", p.little_text()), [TOO_LITTLE], id="too-little-text"),
-    pytest.param(
-        lambda p: p.search("--dataset", p.tmp / "nope.jsonl"), ["does not exist"], id="missing-dataset"
-    ),
+    pytest.param(lambda p: p.search("--dataset", p.tmp / "nope.jsonl"), ["does not exist"], id="missing-dataset"),
     pytest.param(lambda p: p.search("--resume"), ["--resume", "no saved search"], id="resume-without-state"),
     pytest.param(
         lambda p: p.in_out("p.json.state.json", "{").search("--resume"),
@@ -343,9 +340,7 @@ PATTERN_CASES = [
     pytest.param(lambda p: p.edited(index_topk_pattern="SFFSFS"), ["starts with S"], id="starts-with-S"),
     pytest.param(lambda p: p.edited(num_layers="6"), ["num_layers"], id="num-layers-not-int"),
     pytest.param(lambda p: p.edited(model="glm"), ["'model'"], id="model-not-object"),
-    pytest.param(
-        lambda p: p.edited(index_topk_pattern="FSFS", num_layers=4), ["4 layers", "has 6"], id="fewer-layers"
-    ),
+    pytest.param(lambda p: p.edited(index_topk_pattern="FSFS", num_layers=4), ["4 layers", "has 6"], id="fewer-layers"),
     pytest.param(
         lambda p: p.edited(model_model_type="deepseek_v32"),
         ["deepseek_v32", "glm_moe_dsa"],
@@ -355,12 +350,8 @@ PATTERN_CASES = [
 
 EVAL_CASES = [
     pytest.param(lambda p: p.eval(p.pattern, "--model", p.llama), ["llama", *SUPPORTED], id="non-dsa-model"),
-    pytest.param(
-        lambda p: p.eval(p.pattern, "--model", p.tmp / "nope"), ["does not exist"], id="missing-model"
-    ),
-    pytest.param(
-        lambda p: p.eval(p.minimal()), ["no calibration data", "--dataset"], id="no-calibration-record"
-    ),
+    pytest.param(lambda p: p.eval(p.pattern, "--model", p.tmp / "nope"), ["does not exist"], id="missing-model"),
+    pytest.param(lambda p: p.eval(p.minimal()), ["no calibration data", "--dataset"], id="no-calibration-record"),
     pytest.param(
         lambda p: p.eval(p.pattern, "--dataset", p.little_text(), "--num-samples", 2, "--seq-len", 64),
         [TOO_LITTLE],
@@ -377,12 +368,8 @@ EVAL_CASES = [
 APPLY_CASES = [
     pytest.param(lambda p: p.apply(p.pattern, p.llama), ["llama", *SUPPORTED], id="non-dsa-model"),
     pytest.param(lambda p: p.apply(p.pattern, p.tmp / "nope"), ["no config.json"], id="missing-model"),
-    pytest.param(
-        lambda p: p.apply(p.pattern, p.folder("broken", "{")), ["not valid JSON"], id="corrupt-config"
-    ),
-    pytest.param(
-        lambda p: p.in_out("applied/weights", "").apply(p.pattern), ["already exists"], id="existing-output"
-    ),
+    pytest.param(lambda p: p.apply(p.pattern, p.folder("broken", "{")), ["not valid JSON"], id="corrupt-config"),
+    pytest.param(lambda p: p.in_out("applied/weights", "").apply(p.pattern), ["already exists"], id="existing-output"),
 ]
 
 

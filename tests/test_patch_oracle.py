@@ -6,13 +6,14 @@ import random
 
 import pytest
 import torch
-from tiny_models import deepseek_model, glm_config, glm_model, random_ids
 from transformers import GlmMoeDsaForCausalLM
 
 from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
 from indexcache.patch import index_sharing
 from indexcache.patterns.layout import random_pattern, uniform
+
+from tiny_models import deepseek_model, glm_config, glm_model, random_ids
 
 NUM_LAYERS = 7
 SEQ = 40  # index_topk 8 ≪ 40, so selection matters in every layer
@@ -44,8 +45,11 @@ def _stock_loss(model, ids: torch.Tensor) -> float:
         return model(ids, labels=ids).loss.item()
 
 
-CASES = [pytest.param(seed, name, pattern, id=f"seed{seed}-{name}-{pattern}")
-         for seed in (0, 1, 2) for name, pattern in _patterns(seed)]
+CASES = [
+    pytest.param(seed, name, pattern, id=f"seed{seed}-{name}-{pattern}")
+    for seed in (0, 1, 2)
+    for name, pattern in _patterns(seed)
+]
 
 
 @pytest.mark.parametrize("seed,name,pattern", CASES)

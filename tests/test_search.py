@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import glm_model, random_ids
 
 from indexcache.errors import IndexCacheError
 from indexcache.forward import LayerwiseModel
@@ -14,12 +13,22 @@ from indexcache.patterns.layout import num_full_for_ratio
 from indexcache.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip
 from indexcache.search import SearchState, block_starts, greedy_search, initial_state
 
+from tiny_models import glm_model, random_ids
+
 NUM_LAYERS = 7
 ARCH = architecture_for("glm_moe_dsa")
 
 
-def _run(strategy: str, target: int, seed: int = 0, plan: CachePlan | None = None, state=None, checkpoint=None,
-         batch_size: int = 2, forced=()):
+def _run(
+    strategy: str,
+    target: int,
+    seed: int = 0,
+    plan: CachePlan | None = None,
+    state=None,
+    checkpoint=None,
+    batch_size: int = 2,
+    forced=(),
+):
     model = glm_model(seed=seed, num_layers=NUM_LAYERS)
     windows = random_ids(4, 40, seed=seed)
     lw = LayerwiseModel(model, ARCH)

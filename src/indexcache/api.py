@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ from .models import LoadedModel, load_model
 from .patch import index_sharing
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
-from .scoring import CachedScorer, PatternScorer, PrunedScorer, plan_cache
+from .scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
 from .search import Observer, SearchState, block_starts, greedy_search, initial_state
 
 
@@ -66,8 +65,7 @@ def _check_search_options(output: Path, ratio, num_full, strategy, blocks, batch
     if blocks is not None and blocks < 1:
         raise IndexCacheError(f"--blocks {blocks} must be at least 1")
     _check_batch_size(batch_size)
-    if cache not in ("auto", "device", "host") and not re.fullmatch(r"every:[1-9][0-9]*", cache):
-        raise IndexCacheError(f"--cache {cache} is not one of auto, device, host or every:K (K ≥ 1)")
+    parse_cache_option(cache)
     if not 0.0 < prune_keep <= 1.0:
         raise IndexCacheError(f"--prune-keep {prune_keep} is outside (0, 1]: the fraction of candidates kept")
 
@@ -127,9 +125,14 @@ def search(
     with _calibration_context(loaded, kernels) as (lw, sharing, backend):
         scorer = _make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
         inputs_key = {
-            "model_config_sha256": loaded.config_sha256, "data_fingerprint": windows.fingerprint,
-            "strategy": strategy, "target_full": target, "forced_full": forced, "batch_size": batch_size,
-            "dtype": str(loaded.model.dtype), "kernels": backend,
+            "model_config_sha256": loaded.config_sha256,
+            "data_fingerprint": windows.fingerprint,
+            "strategy": strategy,
+            "target_full": target,
+            "forced_full": forced,
+            "batch_size": batch_size,
+            "dtype": str(loaded.model.dtype),
+            "kernels": backend,
         }
         if resume:
             saved = _read_state(state_path)
@@ -149,11 +152,15 @@ def search(
         started = time.perf_counter()
 
         def save(st: SearchState) -> None:
-            write_json(state_path, {
-                "inputs": inputs_key, "state": st.to_json(),
-                "layer_forwards": layer_forwards_before + scorer.layer_forwards,
-                "seconds": seconds_before + time.perf_counter() - started,
-            })
+            write_json(
+                state_path,
+                {
+                    "inputs": inputs_key,
+                    "state": st.to_json(),
+                    "layer_forwards": layer_forwards_before + scorer.layer_forwards,
+                    "seconds": seconds_before + time.perf_counter() - started,
+                },
+            )
 
         state = greedy_search(scorer, state, observer, save)
         seconds = seconds_before + time.perf_counter() - started
@@ -247,8 +254,13 @@ def evaluate(
     if model is None and recorded is None:
         raise IndexCacheError(f"pattern file {pattern_path} names no model; pass --model")
     data, offset = (data, 0) if data is not None else _held_out_data(data_file, pattern_path)
-    loaded = load_model(model or (None if recorded.startswith("embedded:") else recorded), dtype, device, device_map,
-                        tokenizer)
+    loaded = load_model(
+        model or (None if recorded.startswith("embedded:") else recorded),
+        dtype,
+        device,
+        device_map,
+        tokenizer,
+    )
     pattern_file.check_matches(data_file, loaded.arch.model_type, loaded.num_layers, loaded.name)
     if data_file["model"].get("config_sha256") != loaded.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
@@ -257,15 +269,28 @@ def evaluate(
     with _calibration_context(loaded, kernels) as (lw, sharing, _):
         scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)
         for name, pattern in _named_patterns(data_file, loaded.indexer_layers):
-            rows.append({"name": name, "pattern": pattern, "num_full": len(full_layers(pattern)),
-                         "loss": scorer.loss(pattern)})
+            rows.append(
+                {
+                    "name": name,
+                    "pattern": pattern,
+                    "num_full": len(full_layers(pattern)),
+                    "loss": scorer.loss(pattern),
+                }
+            )
     base = rows[1]["loss"]
     for row in rows:
         row["delta_vs_all_full"] = row["loss"] - base
         row["perplexity"] = float(torch.tensor(row["loss"]).exp())
     if json_path is not None:
-        write_json(json_path, {"pattern_file": str(pattern_path), "model": loaded.name,
-                               "data": windows.describe(), "results": rows})
+        write_json(
+            json_path,
+            {
+                "pattern_file": str(pattern_path),
+                "model": loaded.name,
+                "data": windows.describe(),
+                "results": rows,
+            },
+        )
     return rows
 
 

@@ -11,7 +11,9 @@ from .patch import IndexerFn, reference_indexer
 CHOICES = ("auto", "triton", "reference")
 
 
-def select_backend(arch: DsaArchitecture, device: torch.device, choice: str = "auto") -> tuple[str, IndexerFn, str | None]:
+def select_backend(
+    arch: DsaArchitecture, device: torch.device, choice: str = "auto"
+) -> tuple[str, IndexerFn, str | None]:
     """Returns (name, indexer_fn, attn_implementation) for `index_sharing`.
 
     `auto` takes the Triton kernels on CUDA and the stock transformers path (the reference) elsewhere.
@@ -25,7 +27,8 @@ def select_backend(arch: DsaArchitecture, device: torch.device, choice: str = "a
     from .kernels import wiring
 
     def triton_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
-        return wiring.indexer_topk(indexer, arch.indexer_rope, hidden_states, q_resid, position_embeddings,
-                                   indexer.index_topk)
+        return wiring.indexer_topk(
+            indexer, arch.indexer_rope, hidden_states, q_resid, position_embeddings, indexer.index_topk
+        )
 
     return "triton", triton_indexer, wiring.register_sparse_attention()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -15,8 +14,12 @@ from rich.table import Table
 from . import defaults
 from .errors import IndexCacheError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Find and use IndexCache patterns (which DSA layers keep their lightning indexer).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find and use IndexCache patterns (which DSA layers keep their lightning indexer).",
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -38,8 +41,10 @@ def friendly_errors(fn):
         except IndexCacheError as exc:
             _fail(str(exc))
         except torch.cuda.OutOfMemoryError:
-            _fail("CUDA out of memory: lower --seq-len or --batch-size, use --cache host, or spread the model "
-                  "over GPUs with --device-map auto")
+            _fail(
+                "CUDA out of memory: lower --seq-len or --batch-size, use --cache host, or spread the model "
+                "over GPUs with --device-map auto"
+            )
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:
@@ -56,8 +61,11 @@ def _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len
 
 # Options shared by search and eval.
 Model = typer.Option(None, "--model", help="Checkpoint folder or hub id (default: the embedded tiny GLM-DSA model).")
-Dataset = typer.Option(None, help="Local .txt/.jsonl/.json/.parquet file or folder, or a hub dataset name "
-                       "(default: the embedded calibration sample).")
+Dataset = typer.Option(
+    None,
+    help="Local .txt/.jsonl/.json/.parquet file or folder, or a hub dataset name "
+    "(default: the embedded calibration sample).",
+)
 DatasetConfig = typer.Option(None, help="Hub dataset configuration name.")
 Split = typer.Option(defaults.SPLIT, help="Dataset split (hub datasets).")
 TextColumn_ = typer.Option(defaults.TEXT_COLUMN, help="Column holding the text.")
@@ -86,31 +94,36 @@ class _RichObserver:
 
     def candidate_scored(self, layer, score, best):
         best_text = f"{best:.5f}" if best != float("inf") else "–"
-        self.progress.update(self.task, advance=1, best=best_text,
-                             description=f"{self.step_label} · layer {layer} → S: {score.loss:.5f}")
+        self.progress.update(
+            self.task,
+            advance=1,
+            best=best_text,
+            description=f"{self.step_label} · layer {layer} → S: {score.loss:.5f}",
+        )
 
     def step_committed(self, step):
         self.progress.console.print(
-            f"step {step.step}: layer {step.flipped} → S   loss {step.loss:.5f}   {step.pattern}", highlight=False
+            f"step {step.step}: layer {step.flipped} → S   loss {step.loss:.5f}   {step.pattern}",
+            highlight=False,
         )
 
 
 @app.command()
 @friendly_errors
 def search(
-    model: Optional[str] = Model,
+    model: str | None = Model,
     ratio: float = typer.Option(defaults.RATIO, help="Fraction of indexers to keep, in (0, 1]: F = ceil(ratio·N)."),
-    num_full: Optional[int] = typer.Option(None, help="Number of F layers to keep (overrides --ratio)."),
+    num_full: int | None = typer.Option(None, help="Number of F layers to keep (overrides --ratio)."),
     output: Path = typer.Option(Path(defaults.OUTPUT), "--output", "-o", help="Pattern JSON to write."),
-    dataset: Optional[str] = Dataset,
-    dataset_config: Optional[str] = DatasetConfig,
+    dataset: str | None = Dataset,
+    dataset_config: str | None = DatasetConfig,
     split: str = Split,
     text_column: str = TextColumn_,
     num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of calibration windows."),
     seq_len: int = SeqLen,
     seed: int = Seed,
     strategy: str = typer.Option(defaults.STRATEGY, help="naive, cached (prefix reuse, same answer) or pruned."),
-    blocks: Optional[int] = typer.Option(None, help="Pipeline stages: force the first layer of each of P blocks F."),
+    blocks: int | None = typer.Option(None, help="Pipeline stages: force the first layer of each of P blocks F."),
     resume: bool = typer.Option(False, help="Continue the search saved beside --output."),
     batch_size: int = BatchSize,
     cache: str = typer.Option(defaults.CACHE, help="Prefix cache: auto, device, host or every:K."),
@@ -118,21 +131,42 @@ def search(
     kernels: str = Kernels,
     dtype: str = Dtype,
     device: str = Device,
-    device_map: Optional[str] = DeviceMap,
-    tokenizer: Optional[str] = Tokenizer,
+    device_map: str | None = DeviceMap,
+    tokenizer: str | None = Tokenizer,
 ):
     """Greedy search for the F/S pattern with the lowest calibration loss; writes a pattern JSON."""
     from . import api
 
     data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err,
-                      transient=True) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("best {task.fields[best]}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
             result = api.search(
-                model, None if num_full is not None else ratio, num_full, data, output, strategy, blocks,
-                resume, batch_size, cache, prune_keep, kernels, dtype, device, device_map, tokenizer,
-                observer=_RichObserver(progress), log=lambda m: progress.console.print(m, highlight=False),
+                model,
+                None if num_full is not None else ratio,
+                num_full,
+                data,
+                output,
+                strategy,
+                blocks,
+                resume,
+                batch_size,
+                cache,
+                prune_keep,
+                kernels,
+                dtype,
+                device,
+                device_map,
+                tokenizer,
+                observer=_RichObserver(progress),
+                log=lambda m: progress.console.print(m, highlight=False),
             )
     except KeyboardInterrupt:
         if api.search_state_path(output).exists():
@@ -142,7 +176,8 @@ def search(
         f"[bold]{result['index_topk_pattern']}[/]  {result['num_full']}/{result['num_layers']} F   "
         f"loss {result['loss_final']:.5f} (all-F {result['loss_all_full']:.5f})   "
         f"{result['search']['layer_forwards']:,} layer-forwards in {result['search']['seconds']:.1f} s → {output}",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -150,10 +185,12 @@ def search(
 @friendly_errors
 def eval_(
     pattern: Path = typer.Argument(..., help="Pattern JSON written by `indexcache search`."),
-    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint (default: the one the pattern records)."),
-    dataset: Optional[str] = typer.Option(None, help="Held-out data (default: the pattern's calibration source, "
-                                          "windows disjoint from the calibration ones)."),
-    dataset_config: Optional[str] = DatasetConfig,
+    model: str | None = typer.Option(None, "--model", help="Checkpoint (default: the one the pattern records)."),
+    dataset: str | None = typer.Option(
+        None,
+        help="Held-out data (default: the pattern's calibration source, windows disjoint from the calibration ones).",
+    ),
+    dataset_config: str | None = DatasetConfig,
     split: str = Split,
     text_column: str = TextColumn_,
     num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of held-out windows (with --dataset)."),
@@ -163,9 +200,9 @@ def eval_(
     kernels: str = Kernels,
     dtype: str = Dtype,
     device: str = Device,
-    device_map: Optional[str] = DeviceMap,
-    tokenizer: Optional[str] = Tokenizer,
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    device_map: str | None = DeviceMap,
+    tokenizer: str | None = Tokenizer,
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
 ):
     """Held-out loss of the pattern vs all-F and the uniform interleave with the same number of F layers."""
     from . import api
@@ -173,15 +210,38 @@ def eval_(
     data = None
     if dataset is not None:
         data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
-    rows = api.evaluate(pattern, model, data, batch_size, kernels, dtype, device, device_map, tokenizer, json_path,
-                        log=lambda m: err.print(m, highlight=False))
+    rows = api.evaluate(
+        pattern,
+        model,
+        data,
+        batch_size,
+        kernels,
+        dtype,
+        device,
+        device_map,
+        tokenizer,
+        json_path,
+        log=lambda m: err.print(m, highlight=False),
+    )
     table = Table(title=f"held-out loss · {pattern}")
-    for col, kw in [("", {}), ("F/S pattern", {}), ("F", {"justify": "right"}), ("loss", {"justify": "right"}),
-                    ("Δ vs all-F", {"justify": "right"}), ("ppl", {"justify": "right"})]:
+    for col, kw in [
+        ("", {}),
+        ("F/S pattern", {}),
+        ("F", {"justify": "right"}),
+        ("loss", {"justify": "right"}),
+        ("Δ vs all-F", {"justify": "right"}),
+        ("ppl", {"justify": "right"}),
+    ]:
         table.add_column(col, **kw)
     for r in rows:
-        table.add_row(r["name"], r["pattern"], str(r["num_full"]), f"{r['loss']:.5f}",
-                      f"{r['delta_vs_all_full']:+.5f}", f"{r['perplexity']:.3f}")
+        table.add_row(
+            r["name"],
+            r["pattern"],
+            str(r["num_full"]),
+            f"{r['loss']:.5f}",
+            f"{r['delta_vs_all_full']:+.5f}",
+            f"{r['perplexity']:.3f}",
+        )
     out.print(table)
 
 

@@ -11,10 +11,12 @@ Every scorer counts the decoder-layer forwards (layer × window) it ran.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 
+from .errors import IndexCacheError
 from .forward import LayerInputs, LayerwiseModel
 from .patch import SharingState
 from .patterns.layout import FULL, SHARED
@@ -113,12 +115,23 @@ class CachePlan:
         return f"prefix cache in {self.location} memory, {kept}"
 
 
+def parse_cache_option(requested: str) -> tuple[str, int | None]:
+    """`auto`, `device`, `host` → (that, None); `every:K` → ("every", K)."""
+    if requested in ("auto", "device", "host"):
+        return requested, None
+    match = re.fullmatch(r"every:([1-9][0-9]*)", requested)
+    if not match:
+        raise IndexCacheError(f"--cache {requested} is not one of auto, device, host or every:K (K ≥ 1)")
+    return "every", int(match[1])
+
+
 def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto") -> CachePlan:
     """Choose where the prefix cache fits: `device`, `host`, `every:K`, or `auto` (from free memory)."""
-    if requested.startswith("every:"):
-        return CachePlan("host" if lw.input_device.type == "cuda" else "device", max(1, int(requested[6:])))
-    if requested in ("device", "host"):
-        return CachePlan(requested, 1)
+    kind, every = parse_cache_option(requested)
+    if kind == "every":
+        return CachePlan("host" if lw.input_device.type == "cuda" else "device", every)
+    if kind != "auto":
+        return CachePlan(kind, 1)
     hidden_size = lw.base.config.hidden_size
     itemsize = lw.base.embed_tokens.weight.element_size()
     need = lw.num_layers * windows.numel() * hidden_size * itemsize

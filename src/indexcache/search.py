@@ -48,8 +48,13 @@ class SearchState:
     @classmethod
     def from_json(cls, data: dict) -> SearchState:
         steps = [
-            Step(**{**s, "candidates": {int(k): v for k, v in s["candidates"].items()},
-                    "candidate_windows": {int(k): v for k, v in s["candidate_windows"].items()}})
+            Step(
+                **{
+                    **s,
+                    "candidates": {int(k): v for k, v in s["candidates"].items()},
+                    "candidate_windows": {int(k): v for k, v in s["candidate_windows"].items()},
+                }
+            )
             for s in data["trajectory"]
         ]
         return cls(data["start_pattern"], data["target_full"], data["forced_full"], data["loss_all_full"], steps)
@@ -88,6 +93,20 @@ class Observer:
     def step_committed(self, step: Step) -> None: ...
 
 
+class _BestSoFar:
+    """Feeds each scored candidate to the observer with the best exact loss of the step so far."""
+
+    def __init__(self, observer: Observer, num_windows: int):
+        self.observer = observer
+        self.num_windows = num_windows
+        self.best = float("inf")
+
+    def __call__(self, layer: int, score: CandidateScore) -> None:
+        if score.windows == self.num_windows:
+            self.best = min(self.best, score.loss)
+        self.observer.candidate_scored(layer, score, self.best)
+
+
 def greedy_search(
     scorer: PatternScorer,
     state: SearchState,
@@ -104,13 +123,7 @@ def greedy_search(
     while len(full_layers(pattern)) > state.target_full:
         candidates = [i for i in full_layers(pattern) if i != 0 and i not in state.forced_full]
         observer.step_started(len(state.trajectory) + 1, total, candidates)
-        best = [float("inf")]
-
-        def report(layer: int, score: CandidateScore) -> None:
-            if score.windows == scorer.num_windows:
-                best[0] = min(best[0], score.loss)
-            observer.candidate_scored(layer, score, best[0])
-
+        report = _BestSoFar(observer, scorer.num_windows)
         scores = scorer.score(pattern, candidates, on_candidate=report)
         # Only candidates scored on every window compete (pruning leaves others with partial losses).
         exact = [i for i in candidates if scores[i].windows == scorer.num_windows]

@@ -15,8 +15,14 @@ from ..errors import IndexCacheError
 from .registry import DsaArchitecture, architecture_for
 
 EMBEDDED_MODEL = "glm-dsa-tiny"
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 @dataclass
@@ -100,6 +106,8 @@ def load_model(
 
     name = model or str(embedded_model_path())
     path = Path(name).expanduser()
+    if path.exists():
+        name = str(path.resolve())  # recorded in pattern files: eval must find it from any directory
     if not path.exists() and not _looks_like_hub_id(name):
         raise IndexCacheError(f"model path {name} does not exist; give a checkpoint folder or a hub id")
     if path.exists() and not (path / "config.json").exists():

@@ -1,0 +1,151 @@
+"""Quality table: held-out loss of all-F, greedy, uniform and random patterns at several retention ratios,
+and the top-k overlap between adjacent layers (the statistic behind IndexCache).
+
+    python scripts/quality_table.py            # the shipped tiny model and calibration sample, on CPU
+
+The greedy pattern is searched on the calibration windows; every pattern is then scored on held-out windows
+that follow them in the same seeded order (disjoint). Writes scripts/results/quality_table.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from indexcache import api
+from indexcache.calib import DataSpec, make_windows
+from indexcache.forward import LayerwiseModel
+from indexcache.models import load_model
+from indexcache.patch import index_sharing, reference_indexer
+from indexcache.patterns.file import library_versions
+from indexcache.patterns.layout import num_full_for_ratio, random_pattern, uniform
+from indexcache.scoring import PatternScorer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@torch.no_grad()
+def adjacent_overlap(lw: LayerwiseModel, arch, windows: torch.Tensor, topk: int) -> list[float]:
+    """Mean |top-k(l) ∩ top-k(l+1)| / k over queries that have more than k earlier tokens, all layers F."""
+    selected: dict[int, list[torch.Tensor]] = {}
+
+    def recording(indexer, *args):
+        out = reference_indexer(indexer, *args)
+        selected.setdefault(indexer.layer_idx, []).append(out)
+        return out
+
+    with index_sharing(lw.model, arch, None, recording):
+        for ids in windows.split(1):
+            hidden, inputs = lw.embed(ids)
+            lw.run_layers(hidden, inputs, 0, lw.num_layers)
+    overlaps = []
+    for layer in range(lw.num_layers - 1):
+        a = torch.cat(selected[layer])[:, topk:]  # [W, S - k, k]: queries past the first k see a real choice
+        b = torch.cat(selected[layer + 1])[:, topk:]
+        hits = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean()
+        overlaps.append(round(hits.item(), 4))
+    return overlaps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--random-patterns", type=int, default=12)
+    parser.add_argument("--ratios", default="0.5,0.25,0.125")
+    args = parser.parse_args()
+
+    calib = DataSpec(dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len)
+    loaded = load_model(args.model, device="cpu")
+    n = loaded.num_layers
+    held_out = make_windows(
+        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
+        loaded.tokenizer,
+        loaded.model.config.eos_token_id,
+        offset=args.num_samples,
+    )
+    lw = LayerwiseModel(loaded.model, loaded.arch)
+    topk = loaded.model.config.index_topk
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        greedy = {}
+        for ratio in map(float, args.ratios.split(",")):
+            result = api.search(
+                args.model, ratio, None, calib, Path(tmp) / f"{ratio}.json", device="cpu", log=lambda m: None
+            )
+            greedy[ratio] = result["index_topk_pattern"]
+            print(f"ratio {ratio}: greedy {greedy[ratio]} ({result['search']['seconds']:.0f} s)", flush=True)
+    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
+        scorer = PatternScorer(lw, sharing, held_out.input_ids)
+        all_full = scorer.loss("F" * n)
+        rows.append({"ratio": 1.0, "kind": "all-F", "pattern": "F" * n, "loss": all_full})
+        for ratio, pattern in greedy.items():
+            k = num_full_for_ratio(ratio, n)
+            rows.append({"ratio": ratio, "kind": "greedy", "pattern": pattern, "loss": scorer.loss(pattern)})
+            uni = uniform(n, k)
+            rows.append({"ratio": ratio, "kind": "uniform", "pattern": uni, "loss": scorer.loss(uni)})
+            rng = random.Random(ratio)
+            randoms = [random_pattern(n, k, rng) for _ in range(args.random_patterns)]
+            losses = sorted(scorer.loss(p) for p in randoms)
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "kind": "random",
+                    "patterns": randoms,
+                    "loss": statistics.median(losses),
+                    "min": losses[0],
+                    "max": losses[-1],
+                    "count": len(losses),
+                }
+            )
+            print(f"ratio {ratio}: scored", flush=True)
+    overlap = adjacent_overlap(lw, loaded.arch, held_out.input_ids[:2], topk)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "model": loaded.name,
+        "num_layers": n,
+        "index_topk": topk,
+        "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len},
+        "held_out": held_out.describe(),
+        "versions": library_versions(),
+        "rows": rows,
+        "adjacent_topk_overlap": overlap,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality_table.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"Held-out loss (mean next-token NLL, {args.eval_samples} windows × {args.seq_len} tokens, disjoint from the "
+        f"{args.num_samples} calibration windows) of `{loaded.name}`, {n} layers, top-k {topk}; "
+        f"{report['date']}, `python scripts/quality_table.py`.",
+        "",
+        "| kept | pattern kind | F/S pattern | loss | Δ vs all-F |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kept = "all" if r["kind"] == "all-F" else f"1/{round(1 / r['ratio'])}"
+        if r["kind"] == "random":
+            text = f"median of {r['count']} (min {r['min']:.4f}, max {r['max']:.4f})"
+            lines.append(f"| {kept} | random | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+        else:
+            lines.append(f"| {kept} | {r['kind']} | `{r['pattern']}` | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+    lines += [
+        "",
+        "Top-k overlap between adjacent layers (all-F, queries with more than k earlier tokens): "
+        + ", ".join(f"{o:.0%}" for o in overlap),
+    ]
+    (RESULTS / "quality_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
