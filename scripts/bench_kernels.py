@@ -147,6 +147,17 @@ class Bench:
             out["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
         return out
 
+    def measure_graph(self, fn) -> dict:
+        """Replays of a CUDA graph of `fn` (decode: many small launches, whose host cost would dominate)."""
+        if not self.cuda:
+            return self.measure(fn)
+        fn()
+        self.sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return self.measure(graph.replay)
+
     def randn(self, *shape, dtype=torch.bfloat16, scale=1.0):
         return (torch.randn(*shape, device=self.device, generator=self.gen) * scale).to(dtype)
 
@@ -296,17 +307,16 @@ class Bench:
         score_variants = [
             dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
             dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
-            dict(block_m=64, block_n=256, num_warps=8, num_stages=3),
-            dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
         ]
         select_variants = [
-            dict(select_block=2048, select_warps=8),
-            dict(select_block=4096, select_warps=8),
-            dict(select_block=1024, select_warps=4),
+            dict(select="segments", select_block=16384, select_warps=8),
+            dict(select="segments", select_block=16384, select_warps=16),
+            dict(select="segments", select_block=8192, select_warps=8),
+            dict(select="stream", select_block=1024, select_warps=4),
         ]
         if self.args.tiny:
             score_variants = [dict(block_m=16, block_n=32, num_warps=1, num_stages=1)]
-            select_variants = [dict(select_block=64, select_warps=1)]
+            select_variants = [dict(select="segments", select_block=64, select_warps=1)]
         best = None
         for variant in score_variants:
             rec = {"variant": variant}
@@ -334,7 +344,7 @@ class Bench:
         dqk = shape["nope"] + shape["rope"]
         query = self.randn(1, shape["heads"], n_q, dqk)
         key, value = self.randn(1, shape["heads"], seq, dqk), self.randn(1, shape["heads"], seq, shape["v"])
-        attn_variants = [dict(block_k=32, num_warps=4), dict(block_k=64, num_warps=8), dict(block_k=16, num_warps=2)]
+        attn_variants = [dict(block_k=16, num_warps=2), dict(block_k=16, num_warps=4), dict(block_k=32, num_warps=4)]
         best = None
         for variant in attn_variants:
             rec = {"variant": variant}
@@ -348,15 +358,14 @@ class Bench:
 
         mla_variants = {
             "glm5": [
-                dict(block_h=16, block_k=32, num_warps=4, num_stages=2),
-                dict(block_h=16, block_k=32, num_warps=4, num_stages=3),
                 dict(block_h=16, block_k=64, num_warps=4, num_stages=2),
+                dict(block_h=16, block_k=64, num_warps=4, num_stages=3),
+                dict(block_h=16, block_k=32, num_warps=4, num_stages=3),
             ],
             "dsv32": [
-                dict(block_h=64, block_k=32, num_warps=8, num_stages=2),
-                dict(block_h=64, block_k=16, num_warps=8, num_stages=2),
                 dict(block_h=64, block_k=32, num_warps=8, num_stages=3),
-                dict(block_h=32, block_k=32, num_warps=4, num_stages=2),
+                dict(block_h=64, block_k=64, num_warps=8, num_stages=2),
+                dict(block_h=64, block_k=32, num_warps=8, num_stages=2),
             ],
         }
         for name, variants in mla_variants.items():
@@ -396,13 +405,13 @@ class Bench:
                     rec["tflop"] = flops / 1e12
                     rec["tflops"] = flops / rec["ms"] / 1e9
                     rec["pct_peak"] = self.pct_peak(rec["tflops"])
-                    # Score kernel alone: the selection kernel swapped for a no-op.
-                    real_select = indexer_kernel._radix_topk_kernel
-                    indexer_kernel._radix_topk_kernel = _NoLaunch()
+                    # Score kernel alone: the selection swapped for a no-op.
+                    real = indexer_kernel._radix_topk_kernel, indexer_kernel._select_segments
+                    indexer_kernel._radix_topk_kernel, indexer_kernel._select_segments = _NoLaunch(), _no_op
                     try:
                         rec["score_ms"] = self.measure(run)["ms"]
                     finally:
-                        indexer_kernel._radix_topk_kernel = real_select
+                        indexer_kernel._radix_topk_kernel, indexer_kernel._select_segments = real
                     rec["select_ms"] = rec["ms"] - rec["score_ms"]
                     rec["score_tflops"] = flops / rec["score_ms"] / 1e9
                     rows = min(seq, 128)
@@ -579,20 +588,22 @@ class Bench:
                 rec = out.setdefault(name, {}).setdefault(str(num_keys), {})
                 with self.guard(rec):
                     q, k, w = self.indexer_inputs(shape, 1, num_keys)
-                    t = self.measure(
+                    t = self.measure_graph(
                         partial(lightning_indexer_topk_triton, q, k, w, self.topk, shape["index_dim"] ** -0.5)
                     )
                     rec["indexer"] = {**t, "gb_s": num_keys * shape["index_dim"] * 2 / t["ms"] / 1e6}
                     idx = lightning_indexer_topk_triton(q, k, w, self.topk, shape["index_dim"] ** -0.5)
                     query = self.randn(1, heads, 1, dqk)
                     key, value = self.randn(1, heads, num_keys, dqk), self.randn(1, heads, num_keys, v_dim)
-                    t = self.measure(partial(sparse_attention_triton, query, key, value, idx, dqk**-0.5))
+                    t = self.measure_graph(partial(sparse_attention_triton, query, key, value, idx, dqk**-0.5))
                     n_sel = (idx >= 0).sum().item()
                     rec["expanded"] = {**t, "gb_s": n_sel * heads * (dqk + v_dim) * 2 / t["ms"] / 1e6}
                     del key, value
                     qc, qr = self.randn(1, 1, heads, lat), self.randn(1, 1, heads, rope)
                     kc, kr = self.randn(1, num_keys, lat), self.randn(1, num_keys, rope)
-                    t = self.measure(partial(sparse_mla_attention_triton, qc, qr, kc, kr, idx, (lat + rope) ** -0.5))
+                    t = self.measure_graph(
+                        partial(sparse_mla_attention_triton, qc, qr, kc, kr, idx, (lat + rope) ** -0.5)
+                    )
                     rec["absorbed"] = {**t, "gb_s": n_sel * (lat + rope) * 2 / t["ms"] / 1e6}
                 self.save()
         return out
@@ -699,6 +710,10 @@ class Bench:
 def _call_indexer(module, q, k, w, topk, scale, launch):
     """Looks the launcher up on the module at call time, so that the bench can swap one of its kernels."""
     return module.lightning_indexer_topk_triton(q, k, w, topk, scale, **launch)
+
+
+def _no_op(*args, **kwargs):
+    return None
 
 
 class _NoLaunch:

@@ -22,7 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..triton_utils import descriptor_rows, interpreting
 
-_NO_KEY = -1  # int32 bit pattern 0xFFFFFFFF stored for padding keys; maps to order key 0
+_NO_KEY = tl.constexpr(-1)  # int32 bit pattern 0xFFFFFFFF stored for padding keys; maps to order key 0
 
 
 @triton.jit
@@ -164,6 +164,110 @@ def _radix_topk_kernel(
         n_equal += tl.sum(equal.to(tl.int32))
 
 
+@triton.jit
+def _segment_select_kernel(
+    Scores,
+    InKey,
+    InIdx,
+    OutKey,
+    OutIdx,
+    S,
+    T,
+    row_stride,
+    chunk_start,
+    q_offset,
+    chunk_rows,
+    n_in,
+    prev_seg,
+    stride_ob,
+    stride_os,
+    TOPK: tl.constexpr,
+    SEG: tl.constexpr,
+    FROM_SCORES: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    """Exact top-TOPK of one SEG-long segment of one row, held in registers: every radix pass reads registers,
+    the row is read from memory once.
+
+    Level 0 (FROM_SCORES) reads fp32 scores (the position is the key index); later levels read the (order key,
+    index) candidates an earlier level wrote, TOPK per segment. A FINAL level writes int32 indices, -1 past the
+    picks; the others write TOPK candidates per segment, order key 0 (= none) past the picks.
+    """
+    seg = tl.program_id(0)
+    r = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = chunk_start + r
+    row = b * chunk_rows + r
+    offs = seg * SEG + tl.arange(0, SEG)
+    slots = tl.arange(0, TOPK)
+    candidates = row * (tl.num_programs(0) * TOPK) + seg * TOPK  # this segment's slots at the next level
+    reach = tl.minimum(t + q_offset + 1, T)  # keys in causal reach; padding among them is order key 0
+    n = n_in
+    if FROM_SCORES:
+        n = reach
+    elif prev_seg > 0:  # level 1: only the level-0 segments in reach left candidates
+        n = tl.minimum(n_in, tl.cdiv(reach, prev_seg) * TOPK)
+    if seg * SEG >= n:  # nothing in reach (never for FINAL: it has one segment)
+        tl.store(OutKey + candidates + slots, tl.zeros([TOPK], tl.int32))
+        return
+    if FROM_SCORES:
+        # Order key: uint32 with the floats' order; the NaN pattern 0xFFFFFFFF (padding) and out-of-range -> 0.
+        bits = tl.load(Scores + row * row_stride + offs, mask=offs < n, other=0.0).to(tl.int32, bitcast=True)
+        bits = tl.where(offs < n, bits, -1)
+        key = (bits ^ tl.where(bits < 0, -1, -2147483648)).to(tl.uint32, bitcast=True)
+        idx = offs
+    else:
+        key = tl.load(InKey + row * n_in + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
+        idx = tl.load(InIdx + row * n_in + offs, mask=offs < n, other=-1)
+    live = key != 0
+    n_live = tl.sum(live.to(tl.int32))
+
+    # Keys of the bucket being resolved satisfy (key & bucket_mask) == prefix; `want` of them belong to the top k.
+    bins = tl.arange(0, 256)
+    prefix = tl.cast(0, tl.uint32)
+    bucket_mask = tl.cast(0, tl.uint32)
+    want = tl.cast(TOPK, tl.int32)
+    shift = tl.cast(24, tl.int32)
+    if n_live <= TOPK:
+        shift = tl.full([], -8, tl.int32)  # at most k live keys: take them all
+    while shift >= 0:
+        match = live & ((key & bucket_mask) == prefix)
+        n_match = tl.sum(match.to(tl.int32))
+        digits = tl.where(match, (key >> shift.to(tl.uint32)) & 255, 0).to(tl.int32)
+        hist = tl.histogram(digits, 256)
+        hist -= tl.where(bins == 0, SEG - n_match, 0)  # unmatched lanes were counted in bin 0
+        at_or_above = n_match - tl.cumsum(hist, 0) + hist  # matched keys with digit >= d
+        digit = tl.sum((at_or_above >= want).to(tl.int32)) - 1  # highest digit still holding the k-th key
+        above = tl.sum(tl.where(bins == digit, at_or_above - hist, 0))
+        in_bucket = tl.sum(tl.where(bins == digit, hist, 0))
+        want -= above
+        prefix = prefix | (digit.to(tl.uint32) << shift.to(tl.uint32))
+        bucket_mask = bucket_mask | (tl.cast(255, tl.uint32) << shift.to(tl.uint32))
+        if in_bucket == want:
+            shift = tl.full([], -8, tl.int32)  # the whole bucket is in: lower bits need no resolving
+        else:
+            shift -= 8
+
+    # Keys above the bucket first (TOPK - want of them), then the first `want` of the bucket. One scan counts
+    # both: "above" in the high 16 bits, "equal" in the low 16 (SEG <= 32768).
+    bucketed = key & bucket_mask
+    above = live & (bucketed > prefix)
+    equal = live & (bucketed == prefix)
+    ranks = tl.cumsum(above.to(tl.int32) * 65536 + equal.to(tl.int32), 0)
+    rank_equal = (ranks & 65535) - 1
+    take = above | (equal & (rank_equal < want))
+    pos = tl.where(above, (ranks >> 16) - 1, TOPK - want + rank_equal)
+    n_take = tl.minimum(n_live, TOPK)
+    if FINAL:
+        out = OutIdx + b * stride_ob + t.to(tl.int64) * stride_os
+        tl.store(out + pos, idx, mask=take)
+        tl.store(out + slots, tl.full([TOPK], -1, tl.int32), mask=slots >= n_take)
+    else:
+        tl.store(OutKey + candidates + pos, key.to(tl.int32, bitcast=True), mask=take)
+        tl.store(OutIdx + candidates + pos, idx, mask=take)
+        tl.store(OutKey + candidates + slots, tl.zeros([TOPK], tl.int32), mask=slots >= n_take)
+
+
 def lightning_indexer_topk_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,14 +281,16 @@ def lightning_indexer_topk_triton(
     block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 3,
-    select_block: int = 2048,
+    select: str = "segments",
+    select_block: int = 16384,
     select_warps: int = 8,
     buffer_bytes: int = 1 << 30,
 ) -> torch.Tensor:
     """int32 [B, S, topk]; same contract as `lightning_indexer_topk_reference`.
 
     The score buffer holds `buffer_bytes // (4 T B)` query rows (at least one block), so memory stays
-    O(S · topk + buffer) for any S.
+    O(S · topk + buffer) for any S. `select`: "segments" (rows cut into `select_block`-long segments selected in
+    registers, then the candidates) or "stream" (one program per row streaming it from memory once per pass).
     """
     batch, seq_len, n_heads, head_dim = q.shape
     num_keys = k.shape[1]
@@ -212,41 +318,49 @@ def lightning_indexer_topk_triton(
         reach = min(num_keys, start + rows + q_offset)
         grid = (triton.cdiv(reach, block_n), triton.cdiv(rows, block_m), batch)
         _index_scores_kernel[grid](
-            q_desc,
-            k_desc,
-            out_desc,
-            w,
-            mask,
-            seq_len,
-            num_keys,
-            start,
-            q_offset,
-            w.stride(0),
-            w.stride(1),
-            mask.stride(0),
-            H=n_heads,
-            BLOCK_D=block_d,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            HAS_KEY_MASK=key_mask is not None,
-            DOT_PRECISION=precision,
-            UPCAST_DOT=interpreting(),
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
-        _radix_topk_kernel[(rows, batch)](
-            scores,
-            out,
-            seq_len,
-            num_keys,
-            row_stride,
-            start,
-            q_offset,
-            chunk,
-            out.stride(0),
-            out.stride(1),
-            TOPK=topk,
-            BLOCK=select_block,
-            num_warps=select_warps,
-        )
+            q_desc, k_desc, out_desc, w, mask,
+            seq_len, num_keys, start, q_offset,
+            w.stride(0), w.stride(1), mask.stride(0),
+            H=n_heads, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=precision, UPCAST_DOT=interpreting(),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        if select == "stream":
+            _radix_topk_kernel[(rows, batch)](
+                scores, out, seq_len, num_keys, row_stride, start, q_offset, chunk,
+                out.stride(0), out.stride(1), TOPK=topk, BLOCK=select_block, num_warps=select_warps,
+            )  # fmt: skip
+        else:
+            _select_segments(scores, out, seq_len, num_keys, row_stride, start, q_offset, chunk, rows, reach,
+                             topk, select_block, select_warps)  # fmt: skip
     return out
+
+
+def _select_segments(scores, out, seq_len, num_keys, row_stride, start, q_offset, chunk, rows, reach, topk,
+                     seg_len, max_warps):  # fmt: skip
+    """Top-k of each score row in levels: rows cut into seg_len-long segments, each reduced to its top-k
+    candidates, until one segment holds all of a row's candidates; that last level writes the indices."""
+    batch = out.shape[0]
+    seg_len = max(seg_len, 2 * triton.next_power_of_2(topk))  # each level must shrink the rows
+    in_key = in_idx = scores  # dummies at level 0
+    n_in, from_scores, prev_seg = reach, True, 0
+    while True:
+        final = n_in <= seg_len
+        seg = triton.next_power_of_2(n_in) if final else seg_len
+        n_seg = triton.cdiv(n_in, seg)
+        if final:
+            out_key, out_idx = scores, out
+        else:
+            out_key = torch.empty((batch * chunk, n_seg * topk), dtype=torch.int32, device=out.device)
+            out_idx = torch.empty_like(out_key)
+        _segment_select_kernel[(n_seg, rows, batch)](
+            scores, in_key, in_idx, out_key, out_idx,
+            seq_len, num_keys, row_stride, start, q_offset, chunk, n_in, prev_seg,
+            out.stride(0), out.stride(1),
+            TOPK=topk, SEG=seg, FROM_SCORES=from_scores, FINAL=final,
+            num_warps=max(1, min(max_warps, seg // 2048)),
+        )  # fmt: skip
+        if final:
+            return
+        prev_seg = seg if from_scores else -1  # the level-1 extent rule needs level 0's segment length
+        in_key, in_idx, n_in, from_scores = out_key, out_idx, n_seg * topk, False

@@ -148,13 +148,15 @@ def _sparse_mla_kernel(
 ):
     """The query heads come in through tensor descriptors over [B·S·H, D] (TMA into shared memory, where the
     tensor cores read them); the latent rows are gathered with per-row pointers."""
-    s = tl.program_id(0).to(tl.int64)
-    h0 = tl.program_id(1) * BLOCK_H
+    # The head blocks of one query are neighbours in the grid, so the later ones find its latent rows in L2.
+    head_blocks = tl.cdiv(n_heads, BLOCK_H)
+    s = (tl.program_id(0) // head_blocks).to(tl.int64)
+    h0 = (tl.program_id(0) % head_blocks) * BLOCK_H
     heads = h0 + tl.arange(0, BLOCK_H)
     b = tl.program_id(2).to(tl.int64) // N_SPLIT
     split = tl.program_id(2) % N_SPLIT
     h_ok = heads < n_heads
-    n_queries = tl.num_programs(0)
+    n_queries = tl.num_programs(0) // head_blocks
 
     q_row = ((b * n_queries + s) * n_heads + h0).to(tl.int32)
     qc = qc_desc.load([q_row, 0])
@@ -253,8 +255,8 @@ def sparse_attention_triton(
     indices: torch.Tensor,
     scaling: float,
     *,
-    block_k: int = 32,
-    num_warps: int = 4,
+    block_k: int = 16,
+    num_warps: int = 2,
     num_stages: int = 2,
     n_split: int | None = None,
 ) -> torch.Tensor:
@@ -313,9 +315,9 @@ def sparse_mla_attention_triton(
     scaling: float,
     *,
     block_h: int = 64,
-    block_k: int = 32,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     n_split: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `sparse_mla_attention_reference`: [B, S, H, Dc], [B, S, H, Dr], [B, T, Dc], [B, T, Dr]
@@ -328,7 +330,11 @@ def sparse_mla_attention_triton(
             raise ValueError(f"{name} needs a contiguous last dimension")
     indices = indices.contiguous()
     block_h = max(16, min(block_h, triton.next_power_of_2(n_heads)))
-    block_k = max(16, block_k)  # tl.dot needs 16 on every side
+    # Defaults measured on an H100 (NOTES.md): 16 heads take mma.sync and wider key blocks, 64 heads wgmma.
+    small = block_h <= 16
+    block_k = max(16, block_k or (64 if small else 32))  # tl.dot needs 16 on every side
+    num_warps = num_warps or (4 if small else 8)
+    num_stages = num_stages or (2 if small else 3)
     block_dc = max(16, triton.next_power_of_2(latent_dim))
     block_dr = max(16, triton.next_power_of_2(rope_dim))
     qc_desc = TensorDescriptor.from_tensor(descriptor_rows(q_latent), [block_h, block_dc])
@@ -336,7 +342,7 @@ def sparse_mla_attention_triton(
     head_blocks = triton.cdiv(n_heads, block_h)
     n_split, split_len = _n_split(batch * seq_len * head_blocks, topk, block_k, n_split)
     out, lse = _outputs(n_split, (batch, seq_len, n_heads, latent_dim), q_latent.dtype, q_latent.device)
-    _sparse_mla_kernel[(seq_len, head_blocks, batch * n_split)](
+    _sparse_mla_kernel[(seq_len * head_blocks, 1, batch * n_split)](
         qc_desc,
         qr_desc,
         kv_latent,
