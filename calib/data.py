@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import defaults
 from ..errors import IndexCacheError
 
 EMBEDDED_SAMPLE = "python-docs-calib.jsonl"
@@ -25,11 +26,11 @@ class DataSpec:
 
     dataset: str | None = None
     dataset_config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    num_samples: int = 8
-    seq_len: int = 1024
-    seed: int = 0
+    split: str = defaults.SPLIT
+    text_column: str = defaults.TEXT_COLUMN
+    num_samples: int = defaults.NUM_SAMPLES
+    seq_len: int = defaults.SEQ_LEN
+    seed: int = defaults.SEED
 
     def __post_init__(self):
         if self.num_samples < 1 or self.seq_len < 2:
@@ -121,7 +122,7 @@ def make_windows(spec: DataSpec, tokenizer, eos_token_id: int | None, offset: in
     if eos is None:
         raise IndexCacheError("the tokenizer and config define no EOS token to join documents with")
     texts = [t for t in rows[spec.text_column] if t]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     stream = torch.tensor([tok for doc in ids for tok in (*doc, eos)], dtype=torch.int64)
     # Cut the stream into consecutive windows, then pick them in one seeded order: calibration takes the
     # first `num_samples`, evaluation the next ones, so the two never overlap.

@@ -2,7 +2,7 @@
 
 RATIO = 0.25
 NUM_SAMPLES = 8
-SEQ_LEN = 1024
+SEQ_LEN = 512
 SEED = 0
 SPLIT = "train"
 TEXT_COLUMN = "text"
