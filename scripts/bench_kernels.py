@@ -7,7 +7,8 @@
 Sections, in order (each saved to the JSON as soon as it finishes; a failing one is recorded and skipped):
   ceilings     bf16 matmul 8192³ and a 1 GiB device copy, measured on this card: the 100 % marks.
   correctness  kernels vs references at a moderate size (selection check for the indexer, rel. error for attention).
-  sweep        tile/warp variants of each kernel at 32K; the fastest is used from then on.
+  sweep        tile/warp variants of the indexer at 32K; the fastest is used from then on.
+  sweep_attention  the same for both attention kernels.
   indexer      prefill top-k per S and shape: time, TFLOP/s, % of matmul peak, memory, score/select split,
                a spot check of the last rows, and the stock transformers indexer module where it fits.
   attention    sparse attention prefill on the last `--query-slice` queries of an S-token sequence (cost per
@@ -77,7 +78,7 @@ TINY_SHAPES = {
         index_heads=8, index_dim=32, heads=8, nope=16, rope=16, v=8, latent=32, hidden=64, q_lora=32, rope_style="half"
     ),
 }
-SECTIONS = ("ceilings", "correctness", "sweep", "indexer", "attention", "decode", "model")
+SECTIONS = ("ceilings", "correctness", "sweep", "sweep_attention", "indexer", "attention", "decode", "model")
 
 
 class Bench:
@@ -295,9 +296,8 @@ class Bench:
         return out
 
     def sweep(self) -> dict:
-        """Launch variants at S = 32K (tiny: 128) on the GLM-5 shape (and DSV3.2 for MLA)."""
+        """Indexer launch variants at S = 32K (tiny: 128) on the GLM-5 shape; the fastest is used afterwards."""
         from indexcache.kernels.indexer.kernel import lightning_indexer_topk_triton
-        from indexcache.kernels.sparse_attention.kernel import sparse_attention_triton, sparse_mla_attention_triton
 
         seq = 128 if self.args.tiny else 32768
         out = {}
@@ -309,14 +309,14 @@ class Bench:
             dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
         ]
         select_variants = [
-            dict(select="segments", select_block=16384, select_warps=8),
-            dict(select="segments", select_block=16384, select_warps=16),
-            dict(select="segments", select_block=8192, select_warps=8),
-            dict(select="stream", select_block=1024, select_warps=4),
+            dict(select_block=1024, select_warps=4),
+            dict(select_block=512, select_warps=4),
+            dict(select_block=1024, select_warps=8),
+            dict(select_block=2048, select_warps=8),
         ]
         if self.args.tiny:
             score_variants = [dict(block_m=16, block_n=32, num_warps=1, num_stages=1)]
-            select_variants = [dict(select="segments", select_block=64, select_warps=1)]
+            select_variants = [dict(select_block=64, select_warps=1)]
         best = None
         for variant in score_variants:
             rec = {"variant": variant}
@@ -337,7 +337,15 @@ class Bench:
             out.setdefault("indexer_select", []).append(rec)
         self.configs[("indexer", "launch")] = {**best_tiles, **(best[0] if best else {})}
         out["indexer_best"] = self.configs[("indexer", "launch")]
-        del q, k, w
+        return out
+
+    def sweep_attention(self) -> dict:
+        """Launch variants of the attention kernels on the last 4096 queries of 32K (tiny: 64 of 128)."""
+        from indexcache.kernels.sparse_attention.kernel import sparse_attention_triton, sparse_mla_attention_triton
+
+        seq = 128 if self.args.tiny else 32768
+        out = {}
+        shape = self.shapes["glm5"]
 
         n_q = 64 if self.args.tiny else 4096
         idx = self.indices_for(shape, seq, n_q)
@@ -356,15 +364,15 @@ class Bench:
         self.configs[("attention", "glm5")] = self.configs[("attention", "dsv32")] = best[0] if best else {}
         del query, key, value
 
-        mla_variants = {
+        mla_variants = {  # the first of each list is the launcher's default
             "glm5": [
                 dict(block_h=16, block_k=64, num_warps=4, num_stages=2),
                 dict(block_h=16, block_k=64, num_warps=4, num_stages=3),
                 dict(block_h=16, block_k=32, num_warps=4, num_stages=3),
             ],
             "dsv32": [
-                dict(block_h=64, block_k=32, num_warps=8, num_stages=3),
                 dict(block_h=64, block_k=64, num_warps=8, num_stages=2),
+                dict(block_h=64, block_k=32, num_warps=8, num_stages=3),
                 dict(block_h=64, block_k=32, num_warps=8, num_stages=2),
             ],
         }
@@ -406,12 +414,12 @@ class Bench:
                     rec["tflops"] = flops / rec["ms"] / 1e9
                     rec["pct_peak"] = self.pct_peak(rec["tflops"])
                     # Score kernel alone: the selection swapped for a no-op.
-                    real = indexer_kernel._radix_topk_kernel, indexer_kernel._select_segments
-                    indexer_kernel._radix_topk_kernel, indexer_kernel._select_segments = _NoLaunch(), _no_op
+                    real = indexer_kernel._radix_topk_kernel
+                    indexer_kernel._radix_topk_kernel = _NoLaunch()
                     try:
                         rec["score_ms"] = self.measure(run)["ms"]
                     finally:
-                        indexer_kernel._radix_topk_kernel, indexer_kernel._select_segments = real
+                        indexer_kernel._radix_topk_kernel = real
                     rec["select_ms"] = rec["ms"] - rec["score_ms"]
                     rec["score_tflops"] = flops / rec["score_ms"] / 1e9
                     rows = min(seq, 128)
@@ -710,10 +718,6 @@ class Bench:
 def _call_indexer(module, q, k, w, topk, scale, launch):
     """Looks the launcher up on the module at call time, so that the bench can swap one of its kernels."""
     return module.lightning_indexer_topk_triton(q, k, w, topk, scale, **launch)
-
-
-def _no_op(*args, **kwargs):
-    return None
 
 
 class _NoLaunch:

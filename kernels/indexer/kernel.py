@@ -8,9 +8,10 @@ Two kernels per query chunk (NOTES.md has the measurements behind the choices):
    stock code never exist. It writes fp32 scores into a [B, chunk, T] buffer (at most `buffer_bytes`), a key that
    is visible but padding as the NaN bit pattern 0xFFFFFFFF, which the selection reads as "no key".
 2. `_radix_topk_kernel` — one program per query row: an exact radix select over the fp32 scores mapped to
-   order-preserving 32-bit keys, 8 bits per pass (histogram, then pick the digit bucket holding the k-th largest),
-   stopping as soon as the bucket at the threshold is taken whole, then one pass that writes the indices.
-   Rows that see at most k keys take them all and pad with -1.
+   order-preserving 32-bit keys, 8 bits per pass (histogram, then keep the digit bucket holding the k-th
+   largest). Two passes over the row leave a small bucket of near-equal keys, which one more pass copies to a
+   scratch row (writing the keys above it as picks); the low 16 bits are resolved there. Rows that see at most
+   k keys take them all and pad with -1.
 """
 
 from __future__ import annotations
@@ -82,190 +83,143 @@ def _index_scores_kernel(
 
 
 @triton.jit
-def _radix_topk_kernel(
-    Scores,
-    Out,
-    S,
-    T,
-    row_stride,
-    chunk_start,
-    q_offset,
-    chunk_rows,
-    stride_ob,
-    stride_os,
-    TOPK: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    r = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    t = chunk_start + r
-    if t >= S:
-        return
-    n = tl.minimum(t + q_offset + 1, T)  # keys in causal reach; padding among them is order key 0
-    row = Scores + (b * chunk_rows + r) * row_stride
-    out = Out + b * stride_ob + t.to(tl.int64) * stride_os
-    offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
-    for j in range(0, TOPK, BLOCK):
-        tl.store(out + j + offs, tl.full([BLOCK], -1, tl.int32), mask=j + offs < TOPK)
-
-    # fp32 scores are compared as order keys: int64 in [0, 2^32), same order as the floats, with the NaN
-    # pattern 0xFFFFFFFF (padding) mapped to 0. (Computed inline in both loops: a nested jit call costs the
-    # CPU interpreter more than the whole body.)
-    # Keys of the current bucket satisfy (key & bucket_mask) == prefix; `want` of them still belong to the top k.
-    prefix = tl.cast(0, tl.int64)
-    bucket_mask = tl.cast(0, tl.int64)
-    want = tl.cast(TOPK, tl.int32)
-    shift = tl.cast(24, tl.int32)
-    if n <= TOPK:
-        shift = tl.full([], -8, tl.int32)  # every visible key is taken
-    while shift >= 0:
-        hist = tl.zeros([256], dtype=tl.int32)
-        n_match = tl.cast(0, tl.int32)
-        for j in range(0, n, BLOCK):
-            cols = j + offs
-            bits = tl.load(row + cols, mask=cols < n, other=0.0).to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
-            match = (cols < n) & (key != 0) & ((key & bucket_mask) == prefix)
-            hist += tl.histogram(tl.where(match, (key >> shift) & 255, 0).to(tl.int32), 256)
-            n_match += tl.sum(match.to(tl.int32))
-        # Unmatched lanes were counted in bin 0.
-        hist -= tl.where(bins == 0, tl.cdiv(n, BLOCK) * BLOCK - n_match, 0)
-        if n_match <= want:
-            shift = tl.full([], -8, tl.int32)  # first pass, at most k keys that are not padding: take them all
-        else:
-            at_or_above = n_match - tl.cumsum(hist, 0) + hist  # keys with digit >= d
-            digit = tl.sum((at_or_above >= want).to(tl.int32)) - 1  # highest digit still holding the k-th key
-            above = tl.sum(tl.where(bins == digit, at_or_above - hist, 0))
-            in_bucket = tl.sum(tl.where(bins == digit, hist, 0))
-            want -= above
-            prefix = prefix | (digit.to(tl.int64) << shift)
-            bucket_mask = bucket_mask | (tl.cast(255, tl.int64) << shift)
-            if in_bucket == want:
-                shift = tl.full([], -8, tl.int32)  # the whole bucket is in: no need to resolve lower bits
-            else:
-                shift -= 8
-
-    # Keys above the bucket go first (exactly TOPK - want of them), then the first `want` of the bucket.
-    n_above = tl.cast(0, tl.int32)
-    n_equal = tl.cast(0, tl.int32)
-    for j in range(0, n, BLOCK):
-        cols = j + offs
-        bits = tl.load(row + cols, mask=cols < n, other=0.0).to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
-        live = (cols < n) & (key != 0)
-        above = live & ((key & bucket_mask) > prefix)
-        equal = live & ((key & bucket_mask) == prefix)
-        pos_above = n_above + tl.cumsum(above.to(tl.int32), 0) - 1
-        rank_equal = n_equal + tl.cumsum(equal.to(tl.int32), 0) - 1
-        pos = tl.where(above, pos_above, TOPK - want + rank_equal)
-        tl.store(out + pos, cols, mask=above | (equal & (rank_equal < want)))
-        n_above += tl.sum(above.to(tl.int32))
-        n_equal += tl.sum(equal.to(tl.int32))
-
-
-@triton.jit
-def _segment_select_kernel(
-    Scores,
-    InKey,
-    InIdx,
-    OutKey,
-    OutIdx,
-    S,
-    T,
-    row_stride,
-    chunk_start,
-    q_offset,
-    chunk_rows,
-    n_in,
-    prev_seg,
-    stride_ob,
-    stride_os,
-    TOPK: tl.constexpr,
-    SEG: tl.constexpr,
-    FROM_SCORES: tl.constexpr,
-    FINAL: tl.constexpr,
-):
-    """Exact top-TOPK of one SEG-long segment of one row, held in registers: every radix pass reads registers,
-    the row is read from memory once.
-
-    Level 0 (FROM_SCORES) reads fp32 scores (the position is the key index); later levels read the (order key,
-    index) candidates an earlier level wrote, TOPK per segment. A FINAL level writes int32 indices, -1 past the
-    picks; the others write TOPK candidates per segment, order key 0 (= none) past the picks.
-    """
-    seg = tl.program_id(0)
-    r = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    t = chunk_start + r
-    row = b * chunk_rows + r
-    offs = seg * SEG + tl.arange(0, SEG)
-    slots = tl.arange(0, TOPK)
-    candidates = row * (tl.num_programs(0) * TOPK) + seg * TOPK  # this segment's slots at the next level
-    reach = tl.minimum(t + q_offset + 1, T)  # keys in causal reach; padding among them is order key 0
-    n = n_in
+def _row_keys(src_key, src_idx, offs, n, FROM_SCORES: tl.constexpr):
+    """Order keys and key indices of elements `offs` of a row: fp32 scores (index = position) or a (key, index)
+    scratch row. Order key: uint32 with the floats' order; the NaN pattern 0xFFFFFFFF (padding) and positions
+    past `n` map to 0 = no key."""
     if FROM_SCORES:
-        n = reach
-    elif prev_seg > 0:  # level 1: only the level-0 segments in reach left candidates
-        n = tl.minimum(n_in, tl.cdiv(reach, prev_seg) * TOPK)
-    if seg * SEG >= n:  # nothing in reach (never for FINAL: it has one segment)
-        tl.store(OutKey + candidates + slots, tl.zeros([TOPK], tl.int32))
-        return
-    if FROM_SCORES:
-        # Order key: uint32 with the floats' order; the NaN pattern 0xFFFFFFFF (padding) and out-of-range -> 0.
-        bits = tl.load(Scores + row * row_stride + offs, mask=offs < n, other=0.0).to(tl.int32, bitcast=True)
+        bits = tl.load(src_key + offs, mask=offs < n, other=0.0).to(tl.int32, bitcast=True)
         bits = tl.where(offs < n, bits, -1)
         key = (bits ^ tl.where(bits < 0, -1, -2147483648)).to(tl.uint32, bitcast=True)
         idx = offs
     else:
-        key = tl.load(InKey + row * n_in + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
-        idx = tl.load(InIdx + row * n_in + offs, mask=offs < n, other=-1)
-    live = key != 0
-    n_live = tl.sum(live.to(tl.int32))
+        key = tl.load(src_key + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
+        idx = tl.load(src_idx + offs, mask=offs < n, other=-1)
+    return key, idx
 
-    # Keys of the bucket being resolved satisfy (key & bucket_mask) == prefix; `want` of them belong to the top k.
+
+@triton.jit
+def _radix_passes(src_key, src_idx, n, prefix, bucket_mask, want, shift, last_shift, FROM_SCORES: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """8-bit radix passes over a row, from digit `shift` down to `last_shift`.
+
+    The bucket is the keys with (key & bucket_mask) == prefix, `want` of which belong to the top k. Each pass
+    histograms the bucket's next digit and narrows the bucket to the digit holding the k-th key. It stops
+    (shift = -8) once the bucket is wanted whole, or at once if the first pass finds at most `want` keys at all
+    (then every key is taken). Returns (prefix, bucket_mask, want, shift, keys in the bucket, keys in the row)."""
+    offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
+    in_bucket = tl.cast(0, tl.int32)
+    n_live = tl.cast(0, tl.int32)
+    while shift >= last_shift:
+        sh = shift.to(tl.uint32)
+        hist = tl.zeros([256], dtype=tl.int32)
+        for j in range(0, n, BLOCK):
+            key, _ = _row_keys(src_key, src_idx, j + offs, n, FROM_SCORES)
+            match = (key != 0) & ((key & bucket_mask) == prefix)
+            hist += tl.histogram(((key >> sh) & 255).to(tl.int32), 256, mask=match)
+        n_match = tl.sum(hist)
+        first = bucket_mask == 0
+        n_live = tl.where(first, n_match, n_live)
+        take_all = first & (n_match <= want)
+        at_or_above = n_match - tl.cumsum(hist, 0) + hist  # keys with digit >= d
+        digit = tl.sum((at_or_above >= want).to(tl.int32)) - 1  # highest digit still holding the k-th key
+        in_bucket = tl.sum(tl.where(bins == digit, hist, 0))
+        new_want = want - tl.sum(tl.where(bins == digit, at_or_above - hist, 0))
+        prefix = tl.where(take_all, prefix, prefix | (digit.to(tl.uint32) << sh))
+        bucket_mask = tl.where(take_all, bucket_mask, bucket_mask | (tl.cast(255, tl.uint32) << sh))
+        want = tl.where(take_all, want, new_want)
+        shift = tl.where(take_all | (in_bucket == want), -8, shift - 8)
+    return prefix, bucket_mask, want, shift, in_bucket, n_live
+
+
+@triton.jit
+def _collect(src_key, src_idx, n, prefix, bucket_mask, want, out, base_above, base_equal,
+             FROM_SCORES: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Writes the indices of the keys above the bucket at out[base_above + rank] and of the first `want` keys of
+    the bucket at out[base_equal + rank] (ranks in row order). Returns the number of keys in the row."""
+    offs = tl.arange(0, BLOCK)
+    n_above = tl.cast(0, tl.int32)
+    n_equal = tl.cast(0, tl.int32)
+    for j in range(0, n, BLOCK):
+        key, idx = _row_keys(src_key, src_idx, j + offs, n, FROM_SCORES)
+        bucketed = key & bucket_mask
+        above = (key != 0) & (bucketed > prefix)
+        equal = (key != 0) & (bucketed == prefix)
+        # One scan counts both: "above" in the high 16 bits, "equal" in the low 16 (BLOCK < 65536).
+        ranks = tl.cumsum(above.to(tl.int32) * 65536 + equal.to(tl.int32), 0)
+        rank_equal = n_equal + (ranks & 65535) - 1
+        pos = tl.where(above, base_above + n_above + (ranks >> 16) - 1, base_equal + rank_equal)
+        tl.store(out + pos, idx, mask=above | (equal & (rank_equal < want)))
+        n_above += tl.sum(above.to(tl.int32))
+        n_equal += tl.sum(equal.to(tl.int32))
+    return n_above + n_equal
+
+
+@triton.jit
+def _split_bucket(row, n, prefix, bucket_mask, out, scratch_key, scratch_idx, BLOCK: tl.constexpr):
+    """One read of the row: keys above the bucket are picks (out[rank]); the bucket's keys go to scratch."""
+    offs = tl.arange(0, BLOCK)
+    n_above = tl.cast(0, tl.int32)
+    n_inside = tl.cast(0, tl.int32)
+    for j in range(0, n, BLOCK):
+        key, idx = _row_keys(row, row, j + offs, n, True)
+        bucketed = key & bucket_mask
+        above = (key != 0) & (bucketed > prefix)
+        inside = (key != 0) & (bucketed == prefix)
+        ranks = tl.cumsum(above.to(tl.int32) * 65536 + inside.to(tl.int32), 0)
+        tl.store(out + n_above + (ranks >> 16) - 1, idx, mask=above)
+        at = n_inside + (ranks & 65535) - 1
+        tl.store(scratch_key + at, key.to(tl.int32, bitcast=True), mask=inside)
+        tl.store(scratch_idx + at, idx, mask=inside)
+        n_above += tl.sum(above.to(tl.int32))
+        n_inside += tl.sum(inside.to(tl.int32))
+
+
+@triton.jit
+def _radix_topk_kernel(
+    Scores, Out, ScratchKey, ScratchIdx,
+    S, T, row_stride, chunk_start, q_offset, chunk_rows,
+    stride_ob, stride_os,
+    TOPK: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+):  # fmt: skip
+    """Exact top-TOPK of one score row: radix select over 8-bit digits of the order keys.
+
+    Two passes over the row resolve 16 bits (sign, exponent, 7 mantissa bits) and leave a bucket of near-equal
+    keys around the k-th. If it holds at most CAP keys, one more pass writes the keys above it and copies it to
+    a scratch row, where the low 16 bits are resolved: three reads of the row in all. A larger bucket (many
+    near-ties) is resolved on the row itself: up to five reads.
+    """
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = chunk_start + r
+    n = tl.minimum(t + q_offset + 1, T)  # keys in causal reach; padding among them is order key 0
+    row = Scores + (b * chunk_rows + r) * row_stride
+    out = Out + b * stride_ob + t.to(tl.int64) * stride_os
+    slots = tl.arange(0, TOPK)
     prefix = tl.cast(0, tl.uint32)
     bucket_mask = tl.cast(0, tl.uint32)
     want = tl.cast(TOPK, tl.int32)
-    shift = tl.cast(24, tl.int32)
-    if n_live <= TOPK:
-        shift = tl.full([], -8, tl.int32)  # at most k live keys: take them all
-    while shift >= 0:
-        match = live & ((key & bucket_mask) == prefix)
-        n_match = tl.sum(match.to(tl.int32))
-        digits = tl.where(match, (key >> shift.to(tl.uint32)) & 255, 0).to(tl.int32)
-        hist = tl.histogram(digits, 256)
-        hist -= tl.where(bins == 0, SEG - n_match, 0)  # unmatched lanes were counted in bin 0
-        at_or_above = n_match - tl.cumsum(hist, 0) + hist  # matched keys with digit >= d
-        digit = tl.sum((at_or_above >= want).to(tl.int32)) - 1  # highest digit still holding the k-th key
-        above = tl.sum(tl.where(bins == digit, at_or_above - hist, 0))
-        in_bucket = tl.sum(tl.where(bins == digit, hist, 0))
-        want -= above
-        prefix = prefix | (digit.to(tl.uint32) << shift.to(tl.uint32))
-        bucket_mask = bucket_mask | (tl.cast(255, tl.uint32) << shift.to(tl.uint32))
-        if in_bucket == want:
-            shift = tl.full([], -8, tl.int32)  # the whole bucket is in: lower bits need no resolving
-        else:
-            shift -= 8
-
-    # Keys above the bucket first (TOPK - want of them), then the first `want` of the bucket. One scan counts
-    # both: "above" in the high 16 bits, "equal" in the low 16 (SEG <= 32768).
-    bucketed = key & bucket_mask
-    above = live & (bucketed > prefix)
-    equal = live & (bucketed == prefix)
-    ranks = tl.cumsum(above.to(tl.int32) * 65536 + equal.to(tl.int32), 0)
-    rank_equal = (ranks & 65535) - 1
-    take = above | (equal & (rank_equal < want))
-    pos = tl.where(above, (ranks >> 16) - 1, TOPK - want + rank_equal)
-    n_take = tl.minimum(n_live, TOPK)
-    if FINAL:
-        out = OutIdx + b * stride_ob + t.to(tl.int64) * stride_os
-        tl.store(out + pos, idx, mask=take)
-        tl.store(out + slots, tl.full([TOPK], -1, tl.int32), mask=slots >= n_take)
+    if n <= TOPK:  # every key in reach is taken
+        n_picked = _collect(row, row, n, prefix, bucket_mask, want, out, 0, 0, True, BLOCK)
     else:
-        tl.store(OutKey + candidates + pos, key.to(tl.int32, bitcast=True), mask=take)
-        tl.store(OutIdx + candidates + pos, idx, mask=take)
-        tl.store(OutKey + candidates + slots, tl.zeros([TOPK], tl.int32), mask=slots >= n_take)
+        prefix, bucket_mask, want, shift, in_bucket, n_live = _radix_passes(
+            row, row, n, prefix, bucket_mask, want, tl.cast(24, tl.int32), 16, True, BLOCK)  # fmt: skip
+        n_picked = tl.minimum(n_live, TOPK)
+        if (shift >= 0) & (in_bucket <= CAP):
+            scratch_key = ScratchKey + (b * chunk_rows + r) * CAP
+            scratch_idx = ScratchIdx + (b * chunk_rows + r) * CAP
+            _split_bucket(row, n, prefix, bucket_mask, out, scratch_key, scratch_idx, BLOCK)
+            base_above, n_scratch = TOPK - want, in_bucket
+            prefix, bucket_mask, want, shift, in_bucket, n_live = _radix_passes(
+                scratch_key, scratch_idx, n_scratch, prefix, bucket_mask, want, shift, 0, False, BLOCK)  # fmt: skip
+            _collect(scratch_key, scratch_idx, n_scratch, prefix, bucket_mask, want, out, base_above, TOPK - want,
+                     False, BLOCK)  # fmt: skip
+        else:
+            prefix, bucket_mask, want, shift, in_bucket, n_live = _radix_passes(
+                row, row, n, prefix, bucket_mask, want, shift, 0, True, BLOCK)  # fmt: skip
+            _collect(row, row, n, prefix, bucket_mask, want, out, 0, TOPK - want, True, BLOCK)
+    tl.store(out + slots, tl.full([TOPK], -1, tl.int32), mask=slots >= tl.minimum(n_picked, TOPK))
 
 
 def lightning_indexer_topk_triton(
@@ -281,16 +235,15 @@ def lightning_indexer_topk_triton(
     block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 3,
-    select: str = "segments",
-    select_block: int = 16384,
-    select_warps: int = 8,
+    select_block: int = 1024,
+    select_warps: int = 4,
+    bucket_cap: int = 2048,
     buffer_bytes: int = 1 << 30,
 ) -> torch.Tensor:
     """int32 [B, S, topk]; same contract as `lightning_indexer_topk_reference`.
 
     The score buffer holds `buffer_bytes // (4 T B)` query rows (at least one block), so memory stays
-    O(S · topk + buffer) for any S. `select`: "segments" (rows cut into `select_block`-long segments selected in
-    registers, then the candidates) or "stream" (one program per row streaming it from memory once per pass).
+    O(S · topk + buffer) for any S. Defaults: the fastest variants measured on an H100 (NOTES.md).
     """
     batch, seq_len, n_heads, head_dim = q.shape
     num_keys = k.shape[1]
@@ -309,6 +262,8 @@ def lightning_indexer_topk_triton(
     chunk = min(chunk, triton.cdiv(seq_len, block_m) * block_m)
     row_stride = triton.cdiv(num_keys, 4) * 4  # 16-byte rows for the descriptor
     scores = torch.empty((batch, chunk, row_stride), dtype=torch.float32, device=q.device)
+    scratch_key = torch.empty((batch, chunk, bucket_cap), dtype=torch.int32, device=q.device)
+    scratch_idx = torch.empty_like(scratch_key)
     q_desc = TensorDescriptor.from_tensor(q, [block_m, block_d])
     k_desc = TensorDescriptor.from_tensor(k, [block_n, block_d])
     out_desc = TensorDescriptor(scores, [batch, chunk, num_keys], list(scores.stride()), [1, block_m, block_n])
@@ -325,42 +280,10 @@ def lightning_indexer_topk_triton(
             HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=precision, UPCAST_DOT=interpreting(),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-        if select == "stream":
-            _radix_topk_kernel[(rows, batch)](
-                scores, out, seq_len, num_keys, row_stride, start, q_offset, chunk,
-                out.stride(0), out.stride(1), TOPK=topk, BLOCK=select_block, num_warps=select_warps,
-            )  # fmt: skip
-        else:
-            _select_segments(scores, out, seq_len, num_keys, row_stride, start, q_offset, chunk, rows, reach,
-                             topk, select_block, select_warps)  # fmt: skip
-    return out
-
-
-def _select_segments(scores, out, seq_len, num_keys, row_stride, start, q_offset, chunk, rows, reach, topk,
-                     seg_len, max_warps):  # fmt: skip
-    """Top-k of each score row in levels: rows cut into seg_len-long segments, each reduced to its top-k
-    candidates, until one segment holds all of a row's candidates; that last level writes the indices."""
-    batch = out.shape[0]
-    seg_len = max(seg_len, 2 * triton.next_power_of_2(topk))  # each level must shrink the rows
-    in_key = in_idx = scores  # dummies at level 0
-    n_in, from_scores, prev_seg = reach, True, 0
-    while True:
-        final = n_in <= seg_len
-        seg = triton.next_power_of_2(n_in) if final else seg_len
-        n_seg = triton.cdiv(n_in, seg)
-        if final:
-            out_key, out_idx = scores, out
-        else:
-            out_key = torch.empty((batch * chunk, n_seg * topk), dtype=torch.int32, device=out.device)
-            out_idx = torch.empty_like(out_key)
-        _segment_select_kernel[(n_seg, rows, batch)](
-            scores, in_key, in_idx, out_key, out_idx,
-            seq_len, num_keys, row_stride, start, q_offset, chunk, n_in, prev_seg,
+        _radix_topk_kernel[(rows, batch)](
+            scores, out, scratch_key, scratch_idx,
+            seq_len, num_keys, row_stride, start, q_offset, chunk,
             out.stride(0), out.stride(1),
-            TOPK=topk, SEG=seg, FROM_SCORES=from_scores, FINAL=final,
-            num_warps=max(1, min(max_warps, seg // 2048)),
+            TOPK=topk, BLOCK=select_block, CAP=bucket_cap, num_warps=select_warps,
         )  # fmt: skip
-        if final:
-            return
-        prev_seg = seg if from_scores else -1  # the level-1 extent rule needs level 0's segment length
-        in_key, in_idx, n_in, from_scores = out_key, out_idx, n_seg * topk, False
+    return out

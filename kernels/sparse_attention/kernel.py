@@ -332,9 +332,9 @@ def sparse_mla_attention_triton(
     block_h = max(16, min(block_h, triton.next_power_of_2(n_heads)))
     # Defaults measured on an H100 (NOTES.md): 16 heads take mma.sync and wider key blocks, 64 heads wgmma.
     small = block_h <= 16
-    block_k = max(16, block_k or (64 if small else 32))  # tl.dot needs 16 on every side
+    block_k = max(16, block_k or 64)  # tl.dot needs 16 on every side
     num_warps = num_warps or (4 if small else 8)
-    num_stages = num_stages or (2 if small else 3)
+    num_stages = num_stages or 2
     block_dc = max(16, triton.next_power_of_2(latent_dim))
     block_dr = max(16, triton.next_power_of_2(rope_dim))
     qc_desc = TensorDescriptor.from_tensor(descriptor_rows(q_latent), [block_h, block_dc])
