@@ -1,5 +1,5 @@
 """Calibration data: seeded token windows from local files or hub datasets."""
 
-from .data import DataSpec, Windows, embedded_sample_path, make_windows
+from .data import DataSpec, Windows, embedded_sample_path, make_windows, windows_from_tensor
 
-__all__ = ["DataSpec", "Windows", "embedded_sample_path", "make_windows"]
+__all__ = ["DataSpec", "Windows", "embedded_sample_path", "make_windows", "windows_from_tensor"]

@@ -73,6 +73,12 @@ def fingerprint(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(str(tuple(input_ids.shape)).encode() + data).hexdigest()
 
 
+def windows_from_tensor(input_ids: torch.Tensor, source: str = "in-memory token windows") -> Windows:
+    """Wrap ready-made windows (int [N, L]) for the Python API, e.g. a benchmark's random tokens."""
+    spec = DataSpec(dataset=source, num_samples=input_ids.shape[0], seq_len=input_ids.shape[1])
+    return Windows(input_ids.long(), spec, fingerprint(input_ids), 0, input_ids.numel())
+
+
 def _data_files(path: Path) -> tuple[str, list[str]]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
     builders = {_BUILDERS.get(p.suffix) for p in files}

@@ -31,17 +31,21 @@ REQUIRED = ("schema_version", "index_topk_pattern", "num_layers", "model")
 
 
 def library_versions() -> dict[str, str]:
-    import datasets
-    import torch
-    import transformers
+    """Installed versions of what produced an artifact (read from package metadata, nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     from .. import __version__
 
+    packages = ("torch", "transformers", "datasets", "triton")
     return {
         "indexcache": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
+        **{name: installed(name) for name in packages},
         "python": platform.python_version(),
     }
 

@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 
 from indexcache import api
-from indexcache.calib import DataSpec
+from indexcache.calib import DataSpec, Windows, windows_from_tensor
 from indexcache.patterns.file import library_versions
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def glm5_shaped_checkpoint(folder: Path, num_layers: int, seq_len: int, windows: int) -> tuple[str, DataSpec]:
+def glm5_shaped_checkpoint(
+    folder: Path, num_layers: int, seq_len: int, windows: int, device: str
+) -> tuple[str, Windows]:
     """Random-weight glm_moe_dsa with GLM-5's attention shapes (16 heads here), saved with random token windows."""
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
@@ -51,22 +53,20 @@ def glm5_shaped_checkpoint(folder: Path, num_layers: int, seq_len: int, windows:
         eos_token_id=1,
     )
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = GlmMoeDsaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     ids = torch.randint(2, config.vocab_size, (windows, seq_len), generator=torch.Generator().manual_seed(0))
-    data = folder / "windows.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
-    return str(folder), DataSpec(dataset=str(data), num_samples=windows)
+    return str(folder), windows_from_tensor(ids, "random token windows")
 
 
-def run(preset: str, strategies: list[str], num_full: int | None, ratio: float) -> dict:
+def run(preset: str, strategies: list[str], num_full: int | None, ratio: float, shape: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if preset == "cpu-tiny":
             model, data, device = None, DataSpec(), "cpu"
         else:
-            model, data = glm5_shaped_checkpoint(Path(tmp) / "glm5", num_layers=24, seq_len=8192, windows=2)
-            device = "cuda"
+            device = shape.device
+            model, data = glm5_shaped_checkpoint(Path(tmp) / "glm5", shape.layers, shape.seq_len, shape.windows, device)
         rows = []
         for strategy in strategies:
             if device == "cuda":
@@ -124,6 +124,9 @@ def run(preset: str, strategies: list[str], num_full: int | None, ratio: float) 
         if torch.cuda.is_available() and preset.startswith("gpu")
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": library_versions(),
+        "shape": None
+        if preset == "cpu-tiny"
+        else {"layers": shape.layers, "seq_len": shape.seq_len, "windows": shape.windows},
         "num_full": num_full,
         "ratio": ratio,
         "rows": rows,
@@ -137,8 +140,12 @@ def main() -> None:
     parser.add_argument("--num-full", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--layers", type=int, default=24, help="gpu-glm5: decoder layers")
+    parser.add_argument("--seq-len", type=int, default=8192, help="gpu-glm5: tokens per window")
+    parser.add_argument("--windows", type=int, default=2, help="gpu-glm5: calibration windows")
+    parser.add_argument("--device", default="cuda", help="gpu-glm5: cpu for a dry run at small sizes")
     args = parser.parse_args()
-    report = run(args.preset, args.strategies.split(","), args.num_full, args.ratio)
+    report = run(args.preset, args.strategies.split(","), args.num_full, args.ratio, args)
     out = args.out or RESULTS / f"bench_search_{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -83,7 +83,7 @@ def search(
     model: str | None = None,
     ratio: float | None = defaults.RATIO,
     num_full: int | None = None,
-    data: DataSpec | None = None,
+    data: DataSpec | Windows | None = None,
     output: str | Path = defaults.OUTPUT,
     strategy: str = defaults.STRATEGY,
     blocks: int | None = None,
@@ -101,6 +101,7 @@ def search(
 ) -> dict:
     """Greedy IndexCache search; writes the pattern file atomically to `output` and returns its contents.
 
+    `data` is a `DataSpec` (text or input_ids rows through `datasets`) or ready-made `Windows`.
     The search state is saved beside `output` (`<output>.state.json`) after every step; `resume=True`
     continues from it and ends with the same pattern as an uninterrupted run.
     """
@@ -116,7 +117,10 @@ def search(
     target = num_full if num_full is not None else num_full_for_ratio(ratio, n)
     if not 1 <= target <= n:
         raise IndexCacheError(f"--num-full {target} must lie between 1 and the number of layers ({n})")
-    windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id)
+    if isinstance(data, Windows):
+        windows = data
+    else:
+        windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id)
     forced = block_starts(n, blocks) if blocks is not None else []
     if len(loaded.indexer_layers) < n:
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
@@ -188,7 +192,7 @@ def search(
             "indexer_layers": loaded.indexer_layers,
         },
         "calibration": windows.describe(),
-        "seed": data.seed,
+        "seed": windows.spec.seed,
         "search": {
             "strategy": strategy,
             "blocks": blocks,
