@@ -8,33 +8,33 @@ from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaCon
 VOCAB = 320
 
 
+# Shapes shared by both families: MLA and the indexer at a few dozen dims, 4 experts (2 per token).
+_TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=64,
+    moe_intermediate_size=24,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    index_n_heads=2,
+    index_head_dim=16,
+    max_position_embeddings=512,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    eos_token_id=1,
+    bos_token_id=0,
+)
+
+
 def glm_config(num_layers: int = 6, index_topk: int = 8, **overrides) -> GlmMoeDsaConfig:
     """A few dense layers then MoE layers; top-k far below the test sequence length so selection matters."""
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=64,
-        moe_intermediate_size=24,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        first_k_dense_replace=2,
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        index_n_heads=2,
-        index_head_dim=16,
-        index_topk=index_topk,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        eos_token_id=1,
-        bos_token_id=0,
-        pad_token_id=None,
-    )
+    kwargs = dict(_TINY, num_hidden_layers=num_layers, index_topk=index_topk, first_k_dense_replace=2)
     kwargs.update(overrides)
     return GlmMoeDsaConfig(**kwargs)
 
@@ -51,30 +51,12 @@ def glm_model(seed: int = 0, **config_overrides) -> GlmMoeDsaForCausalLM:
 def deepseek_model(seed: int = 0, num_layers: int = 4, index_topk: int = 8) -> DeepseekV32ForCausalLM:
     torch.manual_seed(seed)
     config = DeepseekV32Config(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=64,
-        moe_intermediate_size=24,
+        **_TINY,
         num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
+        index_topk=index_topk,
         first_k_dense_replace=1,
         n_group=1,
         topk_group=1,
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        index_n_heads=2,
-        index_head_dim=16,
-        index_topk=index_topk,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        eos_token_id=1,
-        bos_token_id=0,
     )
     config._attn_implementation = "eager"
     model = DeepseekV32ForCausalLM(config).eval()

@@ -166,7 +166,6 @@ class CachedScorer(PatternScorer):
         self.plan = plan or CachePlan()
         self.committed: str | None = None
         self.cache: list[_BatchCache] = []
-        self.committed_loss: float | None = None
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         if self.plan.location == "host" and t.is_cuda:
@@ -208,8 +207,7 @@ class CachedScorer(PatternScorer):
         first_kept = start - start % self.plan.every
         sums = [self._run_from(pattern, b, first_kept, record=True) for b in range(len(self.batches))]
         self.committed = pattern
-        self.committed_loss = self._mean(sums)
-        return self.committed_loss
+        return self._mean(sums)
 
     def _flip_nll(self, layer: int, b: int) -> torch.Tensor:
         assert self.committed is not None and self.committed[layer] == FULL

@@ -6,6 +6,4 @@ our patch is the only way to evaluate a pattern for it under transformers.
 
 from .registry import DsaArchitecture, register
 
-ARCHITECTURE = register(
-    DsaArchitecture(model_type="deepseek_v32", family="DeepSeek-V3.2", indexer_rope="half", honours_pattern=False)
-)
+ARCHITECTURE = register(DsaArchitecture(model_type="deepseek_v32", family="DeepSeek-V3.2", indexer_rope="half"))

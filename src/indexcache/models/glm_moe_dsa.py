@@ -2,6 +2,4 @@
 
 from .registry import DsaArchitecture, register
 
-ARCHITECTURE = register(
-    DsaArchitecture(model_type="glm_moe_dsa", family="GLM-5", indexer_rope="interleave", honours_pattern=True)
-)
+ARCHITECTURE = register(DsaArchitecture(model_type="glm_moe_dsa", family="GLM-5", indexer_rope="interleave"))

@@ -21,7 +21,6 @@ class DsaArchitecture:
         model_type: `config.model_type` this adapter serves.
         family: human-readable family name for messages.
         indexer_rope: RoPE layout of the indexer's rotary dims, "interleave" or "half" (for the fused kernel).
-        honours_pattern: whether stock transformers applies `index_topk_pattern` from config.json.
         layers_path / attention_attr / indexer_attr: attribute path from the CausalLM to its decoder layers,
             the attention inside a layer, and the indexer inside the attention.
     """
@@ -29,7 +28,6 @@ class DsaArchitecture:
     model_type: str
     family: str
     indexer_rope: str
-    honours_pattern: bool
     layers_path: tuple[str, ...] = ("model", "layers")
     attention_attr: str = "self_attn"
     indexer_attr: str = "indexer"
