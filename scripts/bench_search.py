@@ -1,10 +1,17 @@
 """Benchmark the search strategies: wall time and decoder-layer forwards of naive, cached and pruned.
 
     python scripts/bench_search.py cpu-tiny          # the shipped tiny model, default calibration data (CPU)
-    python scripts/bench_search.py gpu-glm5          # random GLM-5-shaped model, 24 layers, 8K-token windows
+    python scripts/bench_search.py gpu-glm5          # random GLM-5-shaped model, 24 layers, 8 × 8K-token windows
 
 Each preset runs `indexcache.api.search` three times (one per strategy) on the same inputs and writes
-scripts/results/bench_search_<preset>.json with the card, the date and library versions.
+scripts/results/bench_search_<preset>.json with the card, the date and library versions. When the three do not
+fit in one device call, run some strategies with `--keep-trajectories`, then the rest with `--merge` of that
+file on the same (still warm) machine; the merged file must match preset, shape, target, card and date. The
+committed H100 result came from two such calls (naive alone takes ~5 minutes):
+
+    python scripts/bench_search.py gpu-glm5 --num-full 23 --strategies cached,pruned --keep-trajectories \
+        --out /tmp/first.json
+    python scripts/bench_search.py gpu-glm5 --num-full 23 --strategies naive --merge /tmp/first.json
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from indexcache.calib import DataSpec, Windows, windows_from_tensor
 from indexcache.patterns.file import library_versions
 
 RESULTS = Path(__file__).parent / "results"
+STRATEGIES = ["naive", "cached", "pruned"]
 
 
 def glm5_shaped_checkpoint(
@@ -60,7 +68,14 @@ def glm5_shaped_checkpoint(
     return str(folder), windows_from_tensor(ids, "random token windows")
 
 
-def run(preset: str, strategies: list[str], num_full: int | None, ratio: float, shape: argparse.Namespace) -> dict:
+def run(
+    preset: str,
+    strategies: list[str],
+    num_full: int | None,
+    ratio: float,
+    shape: argparse.Namespace,
+    earlier: dict | None = None,
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if preset == "cpu-tiny":
             model, data, device = None, DataSpec(), "cpu"
@@ -101,6 +116,8 @@ def run(preset: str, strategies: list[str], num_full: int | None, ratio: float, 
                 f"{rows[-1]['pattern']}  loss {rows[-1]['loss_final']:.5f}",
                 flush=True,
             )
+    if earlier:
+        rows = sorted([*earlier["rows"], *rows], key=lambda r: STRATEGIES.index(r["strategy"]))
     naive = next((r for r in rows if r["strategy"] == "naive"), None)
     if naive:
         for r in rows:
@@ -110,42 +127,65 @@ def run(preset: str, strategies: list[str], num_full: int | None, ratio: float, 
             r["loss_cost_vs_naive"] = r["loss_final"] - naive["loss_final"]
             if r["strategy"] == "cached":  # exactness: every recorded candidate loss, naive vs cached
                 r["max_rel_diff_vs_naive"] = max(
-                    abs(a["candidates"][k] - b["candidates"][k]) / abs(a["candidates"][k])
+                    abs(exact - cached) / abs(exact)
                     for a, b in zip(naive["trajectory"], r["trajectory"], strict=True)
-                    for k in a["candidates"]
-                    if k in b["candidates"]
+                    for exact, cached in zip(_by_layer(a), _by_layer(b), strict=True)
                 )
-    for r in rows:
-        r["steps"] = len(r.pop("trajectory"))
+    return {**_setting(preset, num_full, ratio, shape), "versions": library_versions(), "rows": rows}
+
+
+def _by_layer(step: dict) -> list[float]:
+    """Candidate losses in layer order (a merged report read back from JSON has string keys)."""
+    return [loss for _, loss in sorted((int(k), v) for k, v in step["candidates"].items())]
+
+
+def _setting(preset: str, num_full: int | None, ratio: float, shape: argparse.Namespace) -> dict:
+    """What merged runs must share."""
     return {
         "preset": preset,
         "date": datetime.date.today().isoformat(),
         "card": torch.cuda.get_device_name()
         if torch.cuda.is_available() and preset.startswith("gpu")
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": library_versions(),
         "shape": None
         if preset == "cpu-tiny"
         else {"layers": shape.layers, "seq_len": shape.seq_len, "windows": shape.windows},
         "num_full": num_full,
         "ratio": ratio,
-        "rows": rows,
     }
+
+
+def load_earlier(path: Path, preset: str, num_full: int | None, ratio: float, shape: argparse.Namespace) -> dict:
+    """An earlier run's report (trajectories kept) with the same setting, to merge with this one."""
+    earlier = json.loads(path.read_text())
+    expected = _setting(preset, num_full, ratio, shape)
+    differs = [k for k in expected if earlier.get(k) != expected[k]]
+    if differs:
+        raise SystemExit(f"--merge {path} differs in {', '.join(differs)}: rerun it with the same setting")
+    if any("trajectory" not in r for r in earlier["rows"]):
+        raise SystemExit(f"--merge {path} was written without --keep-trajectories")
+    return earlier
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", choices=["cpu-tiny", "gpu-glm5"])
-    parser.add_argument("--strategies", default="naive,cached,pruned")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--num-full", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--layers", type=int, default=24, help="gpu-glm5: decoder layers")
     parser.add_argument("--seq-len", type=int, default=8192, help="gpu-glm5: tokens per window")
-    parser.add_argument("--windows", type=int, default=2, help="gpu-glm5: calibration windows")
+    parser.add_argument("--windows", type=int, default=8, help="gpu-glm5: calibration windows")
     parser.add_argument("--device", default="cuda", help="gpu-glm5: cpu for a dry run at small sizes")
+    parser.add_argument("--merge", type=Path, default=None, help="rows of an earlier run of the same setting")
+    parser.add_argument("--keep-trajectories", action="store_true", help="keep each row's trajectory (for --merge)")
     args = parser.parse_args()
-    report = run(args.preset, args.strategies.split(","), args.num_full, args.ratio, args)
+    earlier = args.merge and load_earlier(args.merge, args.preset, args.num_full, args.ratio, args)
+    report = run(args.preset, args.strategies.split(","), args.num_full, args.ratio, args, earlier)
+    if not args.keep_trajectories:
+        for r in report["rows"]:
+            r["steps"] = len(r.pop("trajectory"))
     out = args.out or RESULTS / f"bench_search_{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

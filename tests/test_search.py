@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from indexcache import scoring
 from indexcache.errors import IndexCacheError
 from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
 from indexcache.patch import index_sharing
 from indexcache.patterns.layout import num_full_for_ratio
-from indexcache.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip
+from indexcache.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip, plan_cache
 from indexcache.search import SearchState, block_starts, greedy_search, initial_state
 
 from tiny_models import glm_model, random_ids
@@ -99,6 +100,41 @@ def test_cached_equals_naive(plan):
         assert a.flipped == b.flipped
         assert b.candidates == pytest.approx(a.candidates, rel=1e-6)
     assert cached_scorer.layer_forwards < naive_scorer.layer_forwards
+
+
+@pytest.mark.parametrize("every", [1, 3], ids=lambda e: f"every{e}")
+@pytest.mark.parametrize("strategy", ["cached", "pruned"])
+def test_commit_installs_the_winners_run_instead_of_recomputing(strategy, every):
+    runs = {spare: _run(strategy, target=2, plan=CachePlan("device", every, spare)) for spare in (0.0, 0.3, 2.0)}
+    recomputed, recomputing_scorer, _ = runs[0.0]
+    for state, scorer, _ in runs.values():
+        assert [s.__dict__ for s in state.trajectory] == [s.__dict__ for s in recomputed.trajectory]
+        assert state.loss_all_full == recomputed.loss_all_full
+        for mine, theirs in zip(scorer.cache, recomputing_scorer.cache, strict=True):
+            assert mine.hidden.keys() == theirs.hidden.keys()
+            assert all(torch.equal(mine.hidden[i], theirs.hidden[i]) for i in mine.hidden)
+            assert all(torch.equal(mine.entering_index[i], theirs.entering_index[i]) for i in range(1, NUM_LAYERS))
+            assert torch.equal(mine.nll, theirs.nll)
+    # With room for two suffixes every commit is free: it would have rerun layers ≥ l* on all 4 windows.
+    commit_cost = sum((NUM_LAYERS - (s.flipped - s.flipped % every)) * 4 for s in recomputed.trajectory)
+    reusing = runs[2.0][1].layer_forwards
+    assert reusing == recomputing_scorer.layer_forwards - commit_cost
+    assert reusing <= runs[0.3][1].layer_forwards <= recomputing_scorer.layer_forwards
+
+
+def test_cache_plan_follows_free_memory(monkeypatch):
+    lw = LayerwiseModel(glm_model(num_layers=NUM_LAYERS), ARCH)
+    windows = random_ids(4, 40)
+    need = NUM_LAYERS * windows.numel() * lw.base.config.hidden_size * 4  # fp32 on CPU
+    for free, expected in [
+        (100 * need, CachePlan("device", 1, 2.0)),
+        (2.4 * need, CachePlan("device", 1, pytest.approx(0.8))),
+        (0.5 * need, CachePlan("device", 4, pytest.approx(0.5))),
+    ]:
+        monkeypatch.setattr(scoring, "_host_available_bytes", lambda free=free: int(free))
+        assert plan_cache(lw, windows) == expected
+    assert plan_cache(lw, windows, "every:2").every == 2
+    assert "commits recompute" in CachePlan("host", 1, 0.0).describe()
 
 
 class _Interrupt(Exception):

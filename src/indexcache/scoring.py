@@ -2,7 +2,8 @@
 
 - `naive`: every candidate is a full forward over all windows.
 - `cached`: flipping layer l to S changes nothing below l, so each candidate restarts at l from the committed
-  pattern's cached hidden states and index buffer (prefix reuse). Bit-identical losses to `naive`.
+  pattern's cached hidden states and index buffer (prefix reuse). The winning candidate's own activations
+  become the new cache at commit, so committing costs no forward. Bit-identical losses to `naive`.
 - `pruned`: `cached` plus successive halving over the windows: score all candidates on a few windows, keep
   the best half, add windows, until the survivors are scored on all of them.
 Every scorer counts the decoder-layer forwards (layer × window) it ran.
@@ -84,17 +85,55 @@ class PatternScorer:
 
 
 @dataclass
-class _BatchCache:
-    """Committed-pattern activations of one batch of windows.
+class _Activations:
+    """One batch's activations under one pattern, from some layer on.
 
     Attributes:
         hidden: layer → hidden [B, S, D] entering that layer (kept layers only).
         entering_index: layer → top-k indices [B, S, k] in the buffer when that layer starts.
+        nll: summed NLL per window, fp64 [B], of the run that produced them.
     """
 
-    inputs: LayerInputs
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     entering_index: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    nll: torch.Tensor | None = None
+
+    def install(self, other: _Activations) -> None:
+        """Take over `other`'s layers (a later start of the same pattern) and its loss."""
+        self.hidden.update(other.hidden)
+        self.entering_index.update(other.entering_index)
+        self.nll = other.nll
+
+
+class _Suffixes:
+    """Candidates' activations from their restart layer on, kept until the step's winner is known.
+
+    Committing a flip of l* would rerun layers ≥ l* on every window; the winner already ran exactly that while
+    being scored, so its recorded activations are installed instead. At most `budget` hidden-state tensors (one
+    per kept layer and batch) are held; a run that does not fit is not recorded and is recomputed at commit.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self.held: dict[int, dict[int, _Activations]] = {}
+
+    def fits(self, tensors: int) -> bool:
+        return self.used + tensors <= self.budget
+
+    def add(self, layer: int, batch: int, acts: _Activations) -> None:
+        self.held.setdefault(layer, {})[batch] = acts
+        self.used += len(acts.hidden)
+
+    def keep_only(self, layers) -> None:
+        for layer in set(self.held) - set(layers):
+            self.used -= sum(len(a.hidden) for a in self.held.pop(layer).values())
+
+    def take(self, layer: int | None) -> dict[int, _Activations]:
+        """The runs recorded for candidate `layer` (none for None), by batch; everything else is dropped."""
+        taken = self.held.get(layer, {}) if layer is not None else {}
+        self.held, self.used = {}, 0
+        return taken
 
 
 @dataclass(frozen=True)
@@ -105,14 +144,22 @@ class CachePlan:
         location: "device" (the model's own device) or "host" (CPU memory, pinned when a GPU is used).
         every: keep the hidden states entering every `every`-th layer; candidates recompute from the nearest
             kept layer below them.
+        spare: room for candidates' own activations, as a multiple of the cache (0 to 2): with 2 the best
+            candidate so far and the one being scored both fit, so every commit installs the winner's run
+            instead of recomputing it.
     """
 
     location: str = "device"
     every: int = 1
+    spare: float = 2.0
 
     def describe(self) -> str:
         kept = "every layer" if self.every == 1 else f"every {self.every} layers (recomputing between)"
-        return f"prefix cache in {self.location} memory, {kept}"
+        if self.spare:
+            reuse = f"winner's activations reused at commit (room {self.spare:.2g}× the cache)"
+        else:
+            reuse = "no room to keep the winner's activations: commits recompute"
+        return f"prefix cache in {self.location} memory, {kept}; {reuse}"
 
 
 def parse_cache_option(requested: str) -> tuple[str, int | None]:
@@ -126,23 +173,33 @@ def parse_cache_option(requested: str) -> tuple[str, int | None]:
 
 
 def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto") -> CachePlan:
-    """Choose where the prefix cache fits: `device`, `host`, `every:K`, or `auto` (from free memory)."""
+    """Choose where the prefix cache fits: `device`, `host`, `every:K`, or `auto` (from free memory).
+
+    The cache takes at most half the free memory of its location; `spare` (room for the winner's activations)
+    comes out of what is left up to three quarters.
+    """
     kind, every = parse_cache_option(requested)
-    if kind == "every":
-        return CachePlan("host" if lw.input_device.type == "cuda" else "device", every)
-    if kind != "auto":
-        return CachePlan(kind, 1)
+    on_gpu = lw.input_device.type == "cuda"
+    host = "host" if on_gpu else "device"
     hidden_size = lw.base.config.hidden_size
     itemsize = lw.base.embed_tokens.weight.element_size()
     need = lw.num_layers * windows.numel() * hidden_size * itemsize
-    host_free = _host_available_bytes()
-    if lw.input_device.type == "cuda":
-        device_free, _ = torch.cuda.mem_get_info(lw.input_device)
-        if need <= 0.5 * device_free:
-            return CachePlan("device", 1)
-    if need <= 0.5 * host_free:
-        return CachePlan("host" if lw.input_device.type == "cuda" else "device", 1)
-    return CachePlan("host" if lw.input_device.type == "cuda" else "device", math.ceil(need / (0.5 * host_free)))
+    free = {"device": torch.cuda.mem_get_info(lw.input_device)[0] if on_gpu else _host_available_bytes()}
+    free["host"] = _host_available_bytes()
+
+    def with_spare(location: str, every: int) -> CachePlan:
+        kept = need / every
+        return CachePlan(location, every, max(0.0, min(2.0, (0.75 * free[location] - kept) / kept)))
+
+    if kind == "every":
+        return with_spare(host, every)
+    if kind != "auto":
+        return with_spare(kind, 1)
+    if on_gpu and need <= 0.5 * free["device"]:
+        return with_spare("device", 1)
+    if need <= 0.5 * free["host"]:
+        return with_spare(host, 1)
+    return with_spare(host, math.ceil(need / (0.5 * free["host"])))
 
 
 def _host_available_bytes() -> int:
@@ -165,7 +222,10 @@ class CachedScorer(PatternScorer):
         super().__init__(lw, state, windows, batch_size)
         self.plan = plan or CachePlan()
         self.committed: str | None = None
-        self.cache: list[_BatchCache] = []
+        self.inputs: list[LayerInputs] = []
+        self.cache: list[_Activations] = []
+        cache_tensors = len(range(0, lw.num_layers, self.plan.every)) * len(self.batches)
+        self.suffixes = _Suffixes(int(self.plan.spare * cache_tensors))
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         if self.plan.location == "host" and t.is_cuda:
@@ -176,43 +236,66 @@ class CachedScorer(PatternScorer):
         return None if t is None else t.to(like, non_blocking=True)
 
     @torch.no_grad()
-    def _run_from(self, pattern: str, b: int, start: int, record: bool) -> torch.Tensor:
-        """Run batch `b` from kept layer `start` to the end under `pattern`; optionally refresh the cache."""
+    def _run_from(self, pattern: str, b: int, start: int, into: _Activations | None) -> torch.Tensor:
+        """Run batch `b` from kept layer `start` to the end under `pattern`, recording into `into` if given.
+        Returns the summed NLL per window, fp64 [B]."""
         entry = self.cache[b]
-        ids = self.batches[b]
         self.state.pattern = pattern
         hidden = self._load(entry.hidden[start], self.lw.input_device)
         self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
         for layer in range(start, self.lw.num_layers):
-            if record:
-                entry.entering_index[layer] = self.state.buffer
+            if into is not None:
+                into.entering_index[layer] = self.state.buffer
                 if layer % self.plan.every == 0:
-                    entry.hidden[layer] = self._store(hidden)
-            hidden = self.lw.run_layers(hidden, entry.inputs, layer, layer + 1)
-        self.layer_forwards += (self.lw.num_layers - start) * ids.shape[0]
-        return self.lw.nll_sum(hidden, ids)
+                    into.hidden[layer] = self._store(hidden)
+            hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1)
+        self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
+        nll = self.lw.nll_sum(hidden, self.batches[b])
+        if into is not None:
+            into.nll = nll
+        return nll
+
+    def _first_kept(self, layer: int) -> int:
+        return layer - layer % self.plan.every
 
     @torch.no_grad()
     def commit(self, pattern: str) -> float | None:
-        """Cache `pattern`'s activations and return its loss. After a flip of layer l only activations from l on
-        change, so only those are recomputed."""
+        """Cache `pattern`'s activations and return its loss. After a flip of l only activations from l on
+        change: the winner's recorded run supplies them, and batches it could not record are recomputed."""
         if self.committed is None:
-            self.cache = []
+            self.cache, self.inputs = [], []
             for ids in self.batches:
                 hidden, inputs = self.lw.embed(ids)
-                self.cache.append(_BatchCache(inputs, {0: self._store(hidden)}, {0: None}))
-            start = 0
+                self.cache.append(_Activations({0: self._store(hidden)}, {0: None}))
+                self.inputs.append(inputs)
+            start, winner = 0, None
         else:
             start = next(i for i, (a, c) in enumerate(zip(self.committed, pattern, strict=True)) if a != c)
-        first_kept = start - start % self.plan.every
-        sums = [self._run_from(pattern, b, first_kept, record=True) for b in range(len(self.batches))]
+            winner = start if pattern == flip(self.committed, start) else None
+        recorded = self.suffixes.take(winner)
+        for b, entry in enumerate(self.cache):
+            if b in recorded:
+                entry.install(recorded[b])
+            else:
+                self._run_from(pattern, b, self._first_kept(start), into=entry)
         self.committed = pattern
-        return self._mean(sums)
+        return self._mean([entry.nll for entry in self.cache])
 
     def _flip_nll(self, layer: int, b: int) -> torch.Tensor:
+        """Summed NLL of batch `b` with `layer` flipped; the run is kept for commit while there is room."""
         assert self.committed is not None and self.committed[layer] == FULL
-        start = layer - layer % self.plan.every
-        return self._run_from(flip(self.committed, layer), b, start, record=False)
+        start = self._first_kept(layer)
+        kept_layers = len(range(start, self.lw.num_layers, self.plan.every))
+        into = _Activations() if self.suffixes.fits(kept_layers) else None
+        nll = self._run_from(flip(self.committed, layer), b, start, into)
+        if into is not None:
+            self.suffixes.add(layer, b, into)
+        return nll
+
+    def _keep_best_suffix(self, scores: dict[int, CandidateScore]) -> None:
+        """Only the best fully scored candidate so far (ties: lowest layer, as the search) can win."""
+        exact = [layer for layer, s in scores.items() if s.windows == self.num_windows]
+        self.suffixes.keep_only([min(exact, key=lambda layer: (scores[layer].loss, layer))] if exact else [])
 
     def score(self, pattern, candidates, on_candidate=None):
         if pattern != self.committed:
@@ -221,6 +304,7 @@ class CachedScorer(PatternScorer):
         for layer in candidates:
             sums = [self._flip_nll(layer, b) for b in range(len(self.batches))]
             scores[layer] = CandidateScore(self._mean(sums), self.num_windows)
+            self._keep_best_suffix(scores)
             if on_candidate:
                 on_candidate(layer, scores[layer])
         return scores
@@ -231,6 +315,7 @@ class PrunedScorer(CachedScorer):
 
     Stage s scores the surviving candidates on the first `stages[s]` batches (re-using earlier batches' sums),
     then keeps the best `keep` fraction (at least `min_survivors`). Only the final stage's losses are exact.
+    Recorded runs of pruned candidates are dropped at once, leaving room for the survivors'.
     """
 
     strategy = "pruned"
@@ -263,6 +348,8 @@ class PrunedScorer(CachedScorer):
             if s + 1 < len(self.stages):
                 survivors = max(self.min_survivors, math.ceil(self.keep * len(alive)))
                 alive = sorted(alive, key=lambda layer: (scores[layer].loss, layer))[:survivors]
+                self.suffixes.keep_only(alive)
+        self._keep_best_suffix(scores)
         if on_candidate:
             for layer in candidates:
                 on_candidate(layer, scores[layer])
