@@ -184,8 +184,8 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
     hidden_size = lw.base.config.hidden_size
     itemsize = lw.base.embed_tokens.weight.element_size()
     need = lw.num_layers * windows.numel() * hidden_size * itemsize
-    free = {"device": torch.cuda.mem_get_info(lw.input_device)[0] if on_gpu else _host_available_bytes()}
-    free["host"] = _host_available_bytes()
+    host_free = _host_available_bytes()
+    free = {"host": host_free, "device": torch.cuda.mem_get_info(lw.input_device)[0] if on_gpu else host_free}
 
     def with_spare(location: str, every: int) -> CachePlan:
         kept = need / every
