@@ -7,7 +7,7 @@ the kernels inside a model); `forced("reference")` sends CUDA tensors to the ref
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 
 import torch
@@ -29,3 +29,12 @@ def forced(backend: str) -> Iterator[None]:
         yield
     finally:
         _FORCED.reset(token)
+
+
+def on_device_of(tensor: torch.Tensor) -> AbstractContextManager:
+    """Run a Triton launch on `tensor`'s GPU and that GPU's current stream.
+
+    Triton launches on the *current* CUDA device and stream, not on the device its arguments live on: under
+    accelerate's device_map a layer on cuda:1 would otherwise launch on cuda:0 with pointers into cuda:1's memory.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import use_triton
+from ..backend import on_device_of, use_triton
 from .reference import index_scores_reference, lightning_indexer_topk_reference
 
 __all__ = ["index_scores_reference", "lightning_indexer_topk", "lightning_indexer_topk_reference"]
@@ -27,5 +27,6 @@ def lightning_indexer_topk(
     if use_triton(q):
         from .kernel import lightning_indexer_topk_triton
 
-        return lightning_indexer_topk_triton(q, k, weights, topk, softmax_scale, key_mask, q_offset)
+        with on_device_of(q):
+            return lightning_indexer_topk_triton(q, k, weights, topk, softmax_scale, key_mask, q_offset)
     return lightning_indexer_topk_reference(q, k, weights, topk, softmax_scale, key_mask, q_offset)

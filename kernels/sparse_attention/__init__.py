@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import use_triton
+from ..backend import on_device_of, use_triton
 from .reference import sparse_attention_reference, sparse_mla_attention_reference
 
 __all__ = [
@@ -24,7 +24,8 @@ def sparse_attention(
     if use_triton(query):
         from .kernel import sparse_attention_triton
 
-        return sparse_attention_triton(query, key, value, indices, scaling)
+        with on_device_of(query):
+            return sparse_attention_triton(query, key, value, indices, scaling)
     return sparse_attention_reference(query, key, value, indices, scaling)
 
 
@@ -41,5 +42,6 @@ def sparse_mla_attention(
     if use_triton(q_latent):
         from .kernel import sparse_mla_attention_triton
 
-        return sparse_mla_attention_triton(q_latent, q_rope, kv_latent, k_rope, indices, scaling)
+        with on_device_of(q_latent):
+            return sparse_mla_attention_triton(q_latent, q_rope, kv_latent, k_rope, indices, scaling)
     return sparse_mla_attention_reference(q_latent, q_rope, kv_latent, k_rope, indices, scaling)
