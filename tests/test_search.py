@@ -175,3 +175,59 @@ def test_blocks_force_pipeline_stage_starts():
     assert [i for i, c in enumerate(state.pattern) if c == "F"] == block_starts(NUM_LAYERS, 3)
     with pytest.raises(IndexCacheError, match="block starts"):
         initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, block_starts(NUM_LAYERS, 3))
+
+
+def _nan_after(model, layer: int, when) -> None:
+    """Make decoder `layer` output NaN whenever `when()` holds (a broken weight, a bf16 overflow)."""
+
+    def hook(module, args, output):
+        if not when():
+            return output
+        if isinstance(output, tuple):
+            return (output[0] * float("nan"), *output[1:])
+        return output * float("nan")
+
+    ARCH.layers(model)[layer].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cached"])
+def test_non_finite_all_full_loss_stops_naming_layer_and_batch(strategy):
+    model = glm_model(num_layers=NUM_LAYERS)
+    _nan_after(model, 3, lambda: True)
+    lw = LayerwiseModel(model, ARCH)
+    with torch.no_grad(), index_sharing(model, ARCH) as sharing:
+        scorer = (PatternScorer if strategy == "naive" else CachedScorer)(lw, sharing, random_ids(4, 40), 2)
+        with pytest.raises(IndexCacheError, match=r"batch 0 \(windows 0–1\) under pattern F{7}: .* in layer 3;"):
+            greedy_search(scorer, initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, []))
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cached", "pruned"])
+def test_nan_candidate_stops_the_run_instead_of_winning(strategy):
+    model = glm_model(num_layers=NUM_LAYERS)
+    lw = LayerwiseModel(model, ARCH)
+    with torch.no_grad(), index_sharing(model, ARCH) as sharing:
+        _nan_after(model, 4, lambda: sharing.pattern[2] == "S")  # only the candidate "layer 2 → S" breaks
+        scorer = {"naive": PatternScorer, "cached": CachedScorer, "pruned": PrunedScorer}[strategy](
+            lw, sharing, random_ids(4, 40), 1
+        )
+        with pytest.raises(IndexCacheError, match=r"batch 0 \(window 0\) under pattern FFSFFFF: .* in layer 4;"):
+            greedy_search(scorer, initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, []))
+
+
+class _FixedScores(PatternScorer):
+    """A scorer whose candidate losses are given: what the loop does with them, without a model."""
+
+    def __init__(self, losses: dict[int, float]):
+        self.losses, self.num_windows = losses, 1
+
+    def commit(self, pattern):
+        return 1.0
+
+    def score(self, pattern, candidates, on_candidate=None):
+        return {i: scoring.CandidateScore(self.losses[i], 1) for i in candidates}
+
+
+def test_greedy_loop_refuses_a_nan_candidate_whatever_the_scorer():
+    scorer = _FixedScores({1: float("nan"), 2: 0.5, 3: 0.7})
+    with pytest.raises(IndexCacheError, match=r"candidate layer 1 → S \(nan\)"):
+        greedy_search(scorer, initial_state(4, [0, 1, 2, 3], 3, []))

@@ -48,6 +48,7 @@ class PatternScorer:
     def __init__(self, lw: LayerwiseModel, state: SharingState, windows: torch.Tensor, batch_size: int = 1):
         self.lw = lw
         self.state = state
+        self.batch_size = batch_size
         self.batches = list(windows.split(batch_size))
         self.num_windows = windows.shape[0]
         self.tokens_per_window = windows.shape[1] - 1
@@ -65,7 +66,35 @@ class PatternScorer:
         hidden, inputs = self.lw.embed(ids)
         hidden = self.lw.run_layers(hidden, inputs, 0, self.lw.num_layers)
         self.layer_forwards += self.lw.num_layers * ids.shape[0]
-        return self.lw.nll_sum(hidden, ids)
+        return self._finite(self.lw.nll_sum(hidden, ids), pattern, b)
+
+    def _finite(self, nll: torch.Tensor, pattern: str, b: int) -> torch.Tensor:
+        """`nll` if every value is finite; else stop the run, naming the batch and the first layer that broke.
+
+        A NaN loss would otherwise win a step (`min` keeps a leading NaN) or hide in the all-F baseline.
+        """
+        if bool(torch.isfinite(nll).all()):
+            return nll
+        first = b * self.batch_size
+        windows = f"window {first}" if self.batches[b].shape[0] == 1 else f"windows {first}–{first + len(nll) - 1}"
+        raise IndexCacheError(
+            f"non-finite loss on batch {b} ({windows}) under pattern {pattern}: the hidden states first turn "
+            f"non-finite in {self._first_non_finite(pattern, b)}; check the weights and --dtype"
+        )
+
+    @torch.no_grad()
+    def _first_non_finite(self, pattern: str, b: int) -> str:
+        """Rerun batch `b` one layer at a time and name where the activations stop being finite."""
+        ids = self.batches[b]
+        self.state.pattern = pattern
+        hidden, inputs = self.lw.embed(ids)
+        if not bool(torch.isfinite(hidden).all()):
+            return "the embeddings"
+        for layer in range(self.lw.num_layers):
+            hidden = self.lw.run_layers(hidden, inputs, layer, layer + 1)
+            if not bool(torch.isfinite(hidden).all()):
+                return f"layer {layer}"
+        return "the final norm / LM head"
 
     def loss(self, pattern: str) -> float:
         return self._mean([self._batch_nll(pattern, b) for b in range(len(self.batches))])
@@ -250,7 +279,7 @@ class CachedScorer(PatternScorer):
                     into.hidden[layer] = self._store(hidden)
             hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1)
         self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
-        nll = self.lw.nll_sum(hidden, self.batches[b])
+        nll = self._finite(self.lw.nll_sum(hidden, self.batches[b]), pattern, b)
         if into is not None:
             into.nll = nll
         return nll
