@@ -86,7 +86,7 @@ def main() -> None:
             greedy[ratio] = result["index_topk_pattern"]
             print(f"ratio {ratio}: greedy {greedy[ratio]} ({result['search']['seconds']:.0f} s)", flush=True)
     with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
-        scorer = PatternScorer(lw, sharing, held_out.input_ids)
+        scorer = PatternScorer(lw, sharing, held_out.input_ids, first_label=held_out.first_label)
         all_full = scorer.loss("F" * n)
         rows.append({"ratio": 1.0, "kind": "all-F", "pattern": "F" * n, "loss": all_full})
         for ratio, pattern in greedy.items():

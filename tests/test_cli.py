@@ -183,7 +183,7 @@ def test_pretokenised_rows_are_used_as_is(glm_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     calibration = json.loads(output.read_text())["calibration"]
     assert calibration["fingerprint"] == fingerprint(ids[:2])
-    assert calibration["seq_len"] == 48 and calibration["tokens_available"] == 3 * 48
+    assert calibration["seq_len"] == 48 and calibration["tokens_read"] == 2 * 48  # only the rows needed are read
 
 
 # ---------------------------------------------------------------------------------------------- resume

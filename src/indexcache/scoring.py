@@ -45,13 +45,16 @@ class PatternScorer:
 
     strategy = "naive"
 
-    def __init__(self, lw: LayerwiseModel, state: SharingState, windows: torch.Tensor, batch_size: int = 1):
+    def __init__(
+        self, lw: LayerwiseModel, state: SharingState, windows: torch.Tensor, batch_size: int = 1, first_label: int = 1
+    ):
         self.lw = lw
         self.state = state
         self.batch_size = batch_size
         self.batches = list(windows.split(batch_size))
         self.num_windows = windows.shape[0]
-        self.tokens_per_window = windows.shape[1] - 1
+        self.first_label = first_label  # tokens before it (a window's prefix) are fed but not scored
+        self.tokens_per_window = windows.shape[1] - first_label
         self.layer_forwards = 0
 
     def _mean(self, nll_sums: list[torch.Tensor]) -> float:
@@ -66,7 +69,7 @@ class PatternScorer:
         hidden, inputs = self.lw.embed(ids)
         hidden = self.lw.run_layers(hidden, inputs, 0, self.lw.num_layers)
         self.layer_forwards += self.lw.num_layers * ids.shape[0]
-        return self._finite(self.lw.nll_sum(hidden, ids), pattern, b)
+        return self._finite(self.lw.nll_sum(hidden, ids, self.first_label), pattern, b)
 
     def _finite(self, nll: torch.Tensor, pattern: str, b: int) -> torch.Tensor:
         """`nll` if every value is finite; else stop the run, naming the batch and the first layer that broke.
@@ -247,8 +250,8 @@ class CachedScorer(PatternScorer):
 
     strategy = "cached"
 
-    def __init__(self, lw, state, windows, batch_size=1, plan: CachePlan | None = None):
-        super().__init__(lw, state, windows, batch_size)
+    def __init__(self, lw, state, windows, batch_size=1, plan: CachePlan | None = None, first_label: int = 1):
+        super().__init__(lw, state, windows, batch_size, first_label)
         self.plan = plan or CachePlan()
         self.committed: str | None = None
         self.inputs: list[LayerInputs] = []
@@ -279,7 +282,7 @@ class CachedScorer(PatternScorer):
                     into.hidden[layer] = self._store(hidden)
             hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1)
         self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
-        nll = self._finite(self.lw.nll_sum(hidden, self.batches[b]), pattern, b)
+        nll = self._finite(self.lw.nll_sum(hidden, self.batches[b], self.first_label), pattern, b)
         if into is not None:
             into.nll = nll
         return nll
@@ -349,8 +352,10 @@ class PrunedScorer(CachedScorer):
 
     strategy = "pruned"
 
-    def __init__(self, lw, state, windows, batch_size=1, plan=None, keep: float = 0.5, min_survivors: int = 2):
-        super().__init__(lw, state, windows, batch_size, plan)
+    def __init__(
+        self, lw, state, windows, batch_size=1, plan=None, keep: float = 0.5, min_survivors: int = 2, first_label=1
+    ):
+        super().__init__(lw, state, windows, batch_size, plan, first_label)
         self.keep = keep
         self.min_survivors = min_survivors
         n = len(self.batches)
