@@ -211,7 +211,7 @@ def search(
             "layer_forwards": before.layer_forwards + scorer.layer_forwards,
             "seconds": round(before.seconds + time.perf_counter() - started, 3),
             "device": str(lw.input_device),
-            "device_map": _device_map_record(device_map, loaded.model),
+            "layers_on": _layers_on(loaded),
             "dtype": str(loaded.model.dtype).replace("torch.", ""),
             "kernels": backend,
             "batch_size": batch_size,
@@ -223,11 +223,12 @@ def search(
     return result
 
 
-def _device_map_record(device_map, model) -> dict | None:
-    """Which device each module went to when a device map placed the model (None on one device)."""
-    if device_map is None:
-        return None
-    return {name: str(where) for name, where in getattr(model, "hf_device_map", {}).items()}
+def _layers_on(loaded: LoadedModel) -> dict[str, list[int]]:
+    """device → the decoder layers whose weights live there (several devices under a device map)."""
+    placed: dict[str, list[int]] = {}
+    for i, layer in enumerate(loaded.arch.layers(loaded.model)):
+        placed.setdefault(str(next(layer.parameters()).device), []).append(i)
+    return placed
 
 
 def pattern_record(
