@@ -122,7 +122,8 @@ class _Activations:
 
     Attributes:
         hidden: layer → hidden [B, S, D] entering that layer (kept layers only).
-        entering_index: layer → top-k indices [B, S, k] in the buffer when that layer starts.
+        entering_index: kept layer → top-k indices int32 [B, S, k] in the buffer when that layer starts (None
+            before layer 0); layers that share one buffer share one stored tensor.
         nll: summed NLL per window, fp64 [B], of the run that produced them.
     """
 
@@ -207,15 +208,14 @@ def parse_cache_option(requested: str) -> tuple[str, int | None]:
 def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto") -> CachePlan:
     """Choose where the prefix cache fits: `device`, `host`, `every:K`, or `auto` (from free memory).
 
-    The cache takes at most half the free memory of its location; `spare` (room for the winner's activations)
-    comes out of what is left up to three quarters.
+    The cache (hidden states and top-k index buffers of the kept layers, `cache_bytes_per_layer`) takes at most
+    half the free memory of its location; `spare` (room for the winner's activations) comes out of what is left
+    up to three quarters.
     """
     kind, every = parse_cache_option(requested)
     on_gpu = lw.input_device.type == "cuda"
     host = "host" if on_gpu else "device"
-    hidden_size = lw.base.config.hidden_size
-    itemsize = lw.base.embed_tokens.weight.element_size()
-    need = lw.num_layers * windows.numel() * hidden_size * itemsize
+    need = cache_bytes_per_layer(lw, windows) * lw.num_layers
     host_free = _host_available_bytes()
     free = {"host": host_free, "device": torch.cuda.mem_get_info(lw.input_device)[0] if on_gpu else host_free}
 
@@ -232,6 +232,15 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
     if need <= 0.5 * free["host"]:
         return with_spare(host, 1)
     return with_spare(host, math.ceil(need / (0.5 * free["host"])))
+
+
+def cache_bytes_per_layer(lw: LayerwiseModel, windows: torch.Tensor) -> int:
+    """Bytes one kept layer costs the cache over all windows: its input hidden states [N, L, D] and, at worst
+    (every layer F, as at the start), its own top-k index buffer [N, L, k] int32."""
+    config = lw.base.config
+    itemsize = lw.base.embed_tokens.weight.element_size()
+    topk = min(getattr(config, "index_topk", 0) or 0, windows.shape[1])
+    return windows.numel() * (config.hidden_size * itemsize + topk * torch.int32.itemsize)
 
 
 def _host_available_bytes() -> int:
@@ -275,11 +284,14 @@ class CachedScorer(PatternScorer):
         self.state.pattern = pattern
         hidden = self._load(entry.hidden[start], self.lw.input_device)
         self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
+        source, stored = None, None  # the last index buffer stored, so S layers sharing it store it once
         for layer in range(start, self.lw.num_layers):
-            if into is not None:
-                into.entering_index[layer] = self.state.buffer
-                if layer % self.plan.every == 0:
-                    into.hidden[layer] = self._store(hidden)
+            if into is not None and layer % self.plan.every == 0:
+                if self.state.buffer is not source:
+                    source = self.state.buffer
+                    stored = None if source is None else self._store(source)
+                into.entering_index[layer] = stored
+                into.hidden[layer] = self._store(hidden)
             hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1)
         self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
         nll = self._finite(self.lw.nll_sum(hidden, self.batches[b], self.first_label), pattern, b)
