@@ -162,7 +162,7 @@ def test_apply_into_the_model_folder_links_only_model_files(searched, glm_checkp
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text((glm_checkpoint / "config.json").read_text())
-    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / "model.safetensors").write_bytes((glm_checkpoint / "model.safetensors").read_bytes())
     result = invoke("apply", searched.path, "--model", checkpoint, "-o", checkpoint / "indexcache")
     assert result.exit_code == 0, result.output
     assert listing(checkpoint / "indexcache") == [
@@ -170,6 +170,40 @@ def test_apply_into_the_model_folder_links_only_model_files(searched, glm_checkp
         "indexcache_pattern.json",
         "model.safetensors",
     ]
+
+
+def test_apply_onto_an_applied_folder_leaves_the_source_untouched(searched, glm_checkpoint, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert invoke("apply", searched.path, "--model", glm_checkpoint, "-o", first).exit_code == 0
+    before = {name: (first / name).read_bytes() for name in ("config.json", "indexcache_pattern.json")}
+    other = json.loads(searched.path.read_text())
+    other["index_topk_pattern"] = "FFFFFS"
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+
+    result = invoke("apply", other_path, "--model", first, "-o", second)
+    assert result.exit_code == 0, result.output
+    assert {name: (first / name).read_bytes() for name in before} == before  # not written through a link
+    for name in before:
+        assert not (second / name).is_symlink() and (second / name).stat().st_mode & 0o044 == 0o044, name
+    assert json.loads((second / "indexcache_pattern.json").read_text())["index_topk_pattern"] == "FFFFFS"
+    assert json.loads((second / "config.json").read_text())["index_topk_pattern"] == "FFFFFS"
+    assert (second / "model.safetensors").resolve() == (glm_checkpoint / "model.safetensors").resolve()
+
+
+def test_apply_refuses_F_layers_without_indexer_weights(searched, tmp_path):
+    from transformers import GlmMoeDsaForCausalLM
+
+    from tiny_models import glm_config
+
+    shipped = tmp_path / "shipped"
+    GlmMoeDsaForCausalLM(glm_config(index_topk_pattern="FFSSFS")).save_pretrained(shipped)  # S: no indexer
+    edited = json.loads(searched.path.read_text())
+    edited["index_topk_pattern"] = "FFFSFS"
+    (tmp_path / "p.json").write_text(json.dumps(edited))
+    message = error_line(invoke("apply", tmp_path / "p.json", "--model", shipped, "-o", tmp_path / "out"))
+    assert "layers [2] F" in message and "no indexer weights" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_pretokenised_rows_are_used_as_is(glm_checkpoint, tmp_path):

@@ -130,7 +130,7 @@ def weight_names(checkpoint: str, path: Path | None) -> set[str] | None:
     return _local_weight_names(path) if path is not None else _hub_weight_names(checkpoint)
 
 
-def _indexer_layers_in(names: set[str] | None, arch: DsaArchitecture, num_layers: int) -> list[int]:
+def indexer_layers_in(names: set[str] | None, arch: DsaArchitecture, num_layers: int) -> list[int]:
     if names is None:
         return list(range(num_layers))
     return [i for i in range(num_layers) if any(k.startswith(arch.indexer_weight_prefix(i)) for k in names)]
@@ -160,7 +160,7 @@ def open_checkpoint(model: str | None = None) -> Checkpoint:
     arch = architecture_for(getattr(config, "model_type", None))
     config_text = (path / "config.json").read_bytes() if path.exists() else json.dumps(config.to_dict()).encode()
     local = Path(name) if path.exists() else None
-    with_weights = _indexer_layers_in(weight_names(name, local), arch, config.num_hidden_layers)
+    with_weights = indexer_layers_in(weight_names(name, local), arch, config.num_hidden_layers)
     if hasattr(config, "indexer_types"):
         # Build an indexer on every layer that has weights, even where config.json carries a sharing pattern.
         config.indexer_types = ["full" if i in with_weights else "shared" for i in range(config.num_hidden_layers)]
