@@ -125,6 +125,15 @@ def test_eval_compares_pattern_all_full_and_uniform(searched, tmp_path):
     assert rows["all-F"]["loss"] != pytest.approx(searched.data["loss_all_full"], abs=1e-9)
 
 
+def test_eval_applies_num_samples_to_the_patterns_own_source(searched, tmp_path):
+    json_path = tmp_path / "eval.json"
+    result = invoke("eval", searched.path, "--num-samples", 3, "--seq-len", 64, "--json", json_path, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(json_path.read_text())["data"]
+    assert data["num_samples"] == 3 and data["window_offset"] == 2 and data["seq_len"] == 64
+    assert data["fingerprint"] != searched.data["calibration"]["fingerprint"]
+
+
 def _patched_loss(checkpoint: Path, pattern: str, ids: torch.Tensor) -> float:
     """Mean next-token NLL of `ids` [B, S] under our F/S patch, on the layer-by-layer forward."""
     loaded = load_model(str(checkpoint), device="cpu")
@@ -244,6 +253,9 @@ def test_interrupted_search_resumes_to_the_same_pattern(searched, glm_checkpoint
     changed = error_line(invoke("search", *args, "--seed", 1, "-o", output, "--resume"))
     assert "differs in data_fingerprint" in changed
 
+    pruned = error_line(invoke("search", *args, "--prune-keep", 0.3, "-o", output, "--resume"))
+    assert "differs in prune_keep" in pruned
+
     result = invoke("search", *args, "-o", output, "--resume")
     assert result.exit_code == 0, result.output
     resumed = json.loads(output.read_text())
@@ -305,6 +317,14 @@ class Paths:
             (path / "config.json").write_text(config)
         return path
 
+    def broken_tokenizer(self) -> Path:
+        """The test checkpoint with a corrupt tokenizer.json beside its config and weights."""
+        path = self.folder("broken-tokenizer")
+        for name in ("config.json", "model.safetensors"):
+            (path / name).symlink_to(self.glm / name)
+        (path / "tokenizer.json").write_text("{")
+        return path
+
     def search(self, *extra) -> list:
         return ["search", *search_args(self.glm, self.text), "-o", self.out / "p.json", *extra]
 
@@ -362,6 +382,18 @@ SEARCH_CASES = [
     pytest.param(lambda p: p.search("--blocks", 0), ["--blocks"], id="blocks-0"),
     pytest.param(lambda p: p.search("--strategy", "fast"), ["--strategy", "naive"], id="unknown-strategy"),
     pytest.param(lambda p: p.search("--cache", "big"), ["--cache", "every:K"], id="unknown-cache"),
+    pytest.param(
+        lambda p: p.search("--seq-len", 8),
+        ["windows of 8 tokens are not longer than the model's index_topk (8)", "--seq-len 512"],
+        id="window-not-longer-than-topk",
+    ),
+    pytest.param(lambda p: p.search("--windows", "chapter"), ["--windows chapter", "document"], id="unknown-windows"),
+    pytest.param(
+        lambda p: p.search("--model", p.broken_tokenizer()),
+        ["could not load the tokenizer from", "broken-tokenizer"],
+        id="broken-tokenizer",
+    ),
+    pytest.param(lambda p: p.search("--max-memory", "lots"), ["--max-memory", "0=20GiB"], id="bad-max-memory"),
 ]
 
 # Broken pattern files, each refused by eval and by apply alike.
@@ -397,6 +429,16 @@ EVAL_CASES = [
         id="missing-dataset",
     ),
     pytest.param(lambda p: p.eval(p.pattern, "--batch-size", 0), ["--batch-size"], id="batch-size-0"),
+    pytest.param(
+        lambda p: p.eval(p.pattern, "--seq-len", 32),
+        ["--seq-len 32 differs from the calibration's 64", "--dataset"],
+        id="held-out-other-seq-len",
+    ),
+    pytest.param(
+        lambda p: p.eval(p.pattern, "--seed", 3),
+        ["--seed 3 differs from the calibration's 0"],
+        id="held-out-other-seed",
+    ),
 ]
 
 APPLY_CASES = [
