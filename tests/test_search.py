@@ -195,8 +195,12 @@ def test_pruned_scores_fewer_windows_and_commits_only_exact_candidates():
 def test_blocks_force_pipeline_stage_starts():
     assert block_starts(10, 3) == [0, 4, 7]
     assert block_starts(78, 4) == [0, 20, 40, 59]
-    state, _, _ = _run("cached", target=3, forced=block_starts(NUM_LAYERS, 3))
-    assert [i for i, c in enumerate(state.pattern) if c == "F"] == block_starts(NUM_LAYERS, 3)
+    forced = block_starts(NUM_LAYERS, 2)  # [0, 4]; the target keeps one F layer more than the forced ones
+    free, _, _ = _run("cached", target=3)
+    assert not set(forced) <= set(full_layers(free.pattern))  # unforced, the search drops a block start
+    state, _, _ = _run("cached", target=3, forced=forced)
+    assert set(forced) < set(full_layers(state.pattern)) and state.pattern.count("F") == 3
+    assert all(set(forced) <= set(full_layers(step.pattern)) for step in state.trajectory)
     with pytest.raises(IndexCacheError, match="block starts"):
         initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, block_starts(NUM_LAYERS, 3))
 
