@@ -75,6 +75,13 @@ def searched(glm_checkpoint, text_file, tmp_path_factory) -> Searched:
 # ---------------------------------------------------------------------------------------------- round trip
 
 
+def test_round_trip_checkpoint_has_moe_layers(glm_checkpoint):
+    """search, eval and apply below run on this checkpoint: its MoE layers go through all three."""
+    loaded = load_model(str(glm_checkpoint), device="cpu")
+    kinds = [type(layer.mlp).__name__ for layer in loaded.model.model.layers]
+    assert kinds[:2] == ["GlmMoeDsaMLP"] * 2 and kinds[2:] == ["GlmMoeDsaMoE"] * (NUM_LAYERS - 2), kinds
+
+
 def test_search_writes_a_complete_pattern_file(searched, glm_checkpoint, text_file):
     data = searched.data
     pattern = data["index_topk_pattern"]
