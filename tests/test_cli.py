@@ -94,6 +94,9 @@ def test_search_writes_a_complete_pattern_file(searched, glm_checkpoint, text_fi
     assert data["calibration"]["dataset"] == str(text_file)
     assert data["calibration"]["num_samples"] == 2 and data["calibration"]["seq_len"] == 64
     assert re.fullmatch(r"[0-9a-f]{64}", data["calibration"]["fingerprint"])
+    # no prefix tokens (the test tokenizer has no BOS): positions 0..62 predict; those from 8 on choose among > 8
+    assert data["calibration"]["scored_positions"] == 2 * 63 and data["calibration"]["positions_over_topk"] == 2 * 55
+    assert data["calibration"]["windows"] == "packed" and data["search"]["layers_on"] == {"cpu": list(range(6))}
     assert {"indexcache", "torch", "transformers"} <= data["versions"].keys()
     assert data["search"]["layer_forwards"] > 0
 
@@ -493,7 +496,7 @@ def test_broken_pattern_file_is_refused(paths, command, build, fragments):
         pytest.param(
             torch.cuda.OutOfMemoryError("CUDA out of memory"),
             2,
-            ["CUDA out of memory", "--seq-len", "--batch-size"],
+            ["CUDA out of memory", "--cache host", "--seq-len", "--batch-size"],
             id="cuda-oom",
         ),
         pytest.param(KeyboardInterrupt(), 130, ["interrupted"], id="ctrl-c"),
