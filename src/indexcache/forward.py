@@ -100,9 +100,8 @@ class LayerwiseModel:
 def fp32_head_nll(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, fp32 [N], computed in fp32 throughout.
 
-    hidden: [N, D] (any dtype), labels: int [N], weight: [V, D]. The log-sum-exp is accumulated over vocabulary
-    slices of VOCAB_SLICE_ELEMENTS weights (online max/sum rescaling), token chunks keep logits to
-    LOGIT_CHUNK_ELEMENTS.
+    hidden: [N, D] (any dtype), labels: int [N], weight: [V, D]. The log-sum-exp is combined over vocabulary
+    slices of VOCAB_SLICE_ELEMENTS weights; token chunks keep logits to LOGIT_CHUNK_ELEMENTS.
     """
     vocab, dim = weight.shape
     v_step = max(1, min(vocab, VOCAB_SLICE_ELEMENTS // dim))
@@ -111,18 +110,15 @@ def fp32_head_nll(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tens
     for t0 in range(0, labels.numel(), t_step):
         h = hidden[t0 : t0 + t_step].float()
         lab = labels[t0 : t0 + t_step]
-        run_max = torch.full(lab.shape, float("-inf"), device=h.device)
-        run_sum = torch.zeros(lab.shape, device=h.device)
+        log_norm = torch.full(lab.shape, float("-inf"), device=h.device)
         target = torch.zeros(lab.shape, device=h.device)
         for v0 in range(0, vocab, v_step):
             logits = h @ weight[v0 : v0 + v_step].float().T  # [tokens, v_step]
             if bias is not None:
                 logits += bias[v0 : v0 + v_step].float()
-            new_max = torch.maximum(run_max, logits.amax(-1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(-1)
-            run_max = new_max
+            log_norm = torch.logaddexp(log_norm, torch.logsumexp(logits, -1))
             inside = (lab >= v0) & (lab < v0 + logits.shape[1])
             picked = logits.gather(1, (lab - v0).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
             target = torch.where(inside, picked, target)
-        out[t0 : t0 + t_step] = run_max + run_sum.log() - target
+        out[t0 : t0 + t_step] = log_norm - target
     return out
