@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .errors import IndexCacheError
@@ -26,9 +28,18 @@ def select_backend(
         raise IndexCacheError("--kernels triton needs a CUDA GPU; use --kernels reference on CPU")
     from .kernels import wiring
 
-    def triton_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
+    def triton_indexer(indexer, *args, **kwargs):
+        call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments  # the family's own argument names
         return wiring.indexer_topk(
-            indexer, arch.indexer_rope, hidden_states, q_resid, position_embeddings, indexer.index_topk
+            indexer,
+            arch.indexer_rope,
+            call["hidden_states"],
+            call.get("q_resid"),
+            call["position_embeddings"],
+            indexer.index_topk,
+            rope_at_end=arch.indexer_rope_at_end,
+            scale_in_weights=arch.indexer_scale_in_weights,
+            position_ids=call.get("position_ids"),
         )
 
-    return "triton", triton_indexer, wiring.register_sparse_attention()
+    return "triton", triton_indexer, wiring.register_sparse_attention() if arch.sparse_attention_kernel else None

@@ -2,7 +2,8 @@
 
 Running the decoder stack one layer at a time (exactly as `GlmMoeDsaModel.forward` / `DeepseekV32Model.forward`
 do, with `use_cache=False`) lets the search start a forward at any layer from cached hidden states. Tests
-check that it reproduces the stock model's loss.
+check that it reproduces the stock model's loss. What differs between families (hyper-connection streams,
+state shared across layers, logit soft-capping) comes from the adapter's data, never from a family name here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import KVSharingDict
 from transformers.masking_utils import create_causal_mask
 
 from .models import DsaArchitecture
@@ -35,6 +37,10 @@ class LayerInputs:
     attention_mask: torch.Tensor | None
 
 
+# State that layers pass to later layers besides the hidden states (mistral_large4's shared latent KV), or None.
+LayerState = KVSharingDict | None
+
+
 class LayerwiseModel:
     """Embed → decoder layers [start, stop) → norm → chunked next-token NLL, on the model's own modules."""
 
@@ -44,13 +50,29 @@ class LayerwiseModel:
         self.base = arch.base_model(model)
         self.layers = arch.layers(model)
         self.num_layers = len(self.layers)
+        self.streams = getattr(self.base.config, arch.hidden_streams) if arch.hidden_streams else None
+
+    @property
+    def hidden_values_per_token(self) -> int:
+        """Values of one token's hidden state between layers (hidden_size × hyper-connection streams)."""
+        return self.base.config.hidden_size * (self.streams or 1)
+
+    def new_layer_state(self) -> LayerState:
+        """Empty cross-layer state for a forward from layer 0 (None when the family shares none)."""
+        return KVSharingDict() if self.arch.shared_state else None
+
+    @staticmethod
+    def snapshot(layer_state: LayerState) -> LayerState:
+        """What `layer_state` holds now; later layers add entries but never change the tensors in it."""
+        return None if layer_state is None else KVSharingDict(dict(layer_state))
 
     @property
     def input_device(self) -> torch.device:
         return self.base.embed_tokens.weight.device
 
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerInputs]:
-        """input_ids: [B, S] → hidden [B, S, D] and the per-batch layer inputs."""
+        """input_ids: [B, S] → hidden [B, S, D] ([B, S, n, D] with n hyper-connection streams) and the per-batch
+        layer inputs."""
         input_ids = input_ids.to(self.input_device)
         hidden = self.base.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=hidden.device).unsqueeze(0)
@@ -62,10 +84,23 @@ class LayerwiseModel:
             position_ids=position_ids,
             allow_is_causal_skip=False,  # the indexer needs causality spelled out, as in the stock model
         )
-        return hidden, LayerInputs(self.base.rotary_emb(hidden, position_ids=position_ids), position_ids, mask)
+        inputs = LayerInputs(self.base.rotary_emb(hidden, position_ids=position_ids), position_ids, mask)
+        if self.streams:
+            hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1).contiguous()
+        return hidden, inputs
 
-    def run_layers(self, hidden: torch.Tensor, inputs: LayerInputs, start: int, stop: int) -> torch.Tensor:
-        """hidden: [B, S, D] entering layer `start` → hidden entering layer `stop`."""
+    def run_layers(
+        self, hidden: torch.Tensor, inputs: LayerInputs, start: int, stop: int, layer_state: LayerState = None
+    ) -> torch.Tensor:
+        """hidden: [B, S, D] entering layer `start` → hidden entering layer `stop`.
+
+        layer_state: the cross-layer state entering `start` (filled in place); None starts a fresh one, which only
+            layer 0 may do."""
+        extra = {}
+        if self.arch.shared_state:
+            if layer_state is None and start > 0:
+                raise ValueError(f"layer {start} needs the {self.arch.shared_state} that earlier layers left")
+            extra[self.arch.shared_state] = self.new_layer_state() if layer_state is None else layer_state
         for layer in self.layers[start:stop]:
             out = layer(
                 hidden,
@@ -74,6 +109,7 @@ class LayerwiseModel:
                 position_ids=inputs.position_ids,
                 cache=None,
                 use_cache=False,
+                **extra,
             )
             # glm_moe_dsa layers also return their top-k; our patch passes indices through its own buffer.
             hidden = out[0] if isinstance(out, tuple) else out
@@ -84,8 +120,11 @@ class LayerwiseModel:
 
         Logits are formed a chunk of tokens at a time so a long window never holds [S, vocab] at once.
         """
+        if self.arch.streams_head:
+            hidden = getattr(self.base, self.arch.streams_head)(hidden)
         hidden = self.base.norm(hidden)
         head = self.model.get_output_embeddings()
+        softcap = getattr(self.model, self.arch.logit_softcap) if self.arch.logit_softcap else None
         hidden = hidden.to(head.weight.device)
         labels = input_ids.to(hidden.device)[:, 1:]
         hidden = hidden[:, :-1]
@@ -94,6 +133,8 @@ class LayerwiseModel:
         total = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
         for s in range(0, positions, chunk):
             logits = head(hidden[:, s : s + chunk]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
             nll = F.cross_entropy(logits.flatten(0, 1), labels[:, s : s + chunk].flatten(), reduction="none")
             total += nll.view(batch, -1).sum(-1, dtype=torch.float64)
         return total.cpu()

@@ -2,4 +2,6 @@
 
 from .registry import DsaArchitecture, register
 
-ARCHITECTURE = register(DsaArchitecture(model_type="glm_moe_dsa", family="GLM-5", indexer_rope="interleave"))
+ARCHITECTURE = register(
+    DsaArchitecture(model_type="glm_moe_dsa", family="GLM-5", indexer_rope="interleave", honours_pattern=True)
+)

@@ -1,0 +1,118 @@
+"""Families beyond GLM-5: the patch against transformers' own sharing (mistral_large4, hy_v4), S layers reusing
+the previous F layer's indices where transformers has no sharing (axk2), the prefix cache with state that crosses
+layers, and the one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from indexcache.errors import IndexCacheError
+from indexcache.forward import LayerwiseModel
+from indexcache.models import architecture_for
+from indexcache.patch import index_sharing
+from indexcache.patterns.layout import indexer_types
+from indexcache.scoring import CachedScorer, CachePlan, PatternScorer
+
+from tiny_families import axk2_model, hy_v4_model, mistral_large4_model
+from tiny_models import random_ids
+
+SEQ = 40  # index_topk 8 ≪ 40: selection matters in every layer
+BUILDERS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model}
+# Every layer F, alternating, one long S run, S right after F at the NoPE / shared-KV layers, late F.
+PATTERNS = ["FFFFFF", "FSFSFS", "FSSSSS", "FFSSFS", "FSSFSF"]
+
+
+def _patched_loss(model, arch, pattern: str, ids: torch.Tensor) -> tuple[float, dict]:
+    lw = LayerwiseModel(model, arch)
+    with torch.no_grad(), index_sharing(model, arch, pattern) as state:
+        hidden, inputs = lw.embed(ids)
+        hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
+        loss = lw.nll_sum(hidden, ids).sum().item() / (ids.shape[0] * (ids.shape[1] - 1))
+    return loss, dict(state.indexer_calls)
+
+
+def _stock_loss(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.item()
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_patched_loss_matches_stock_sharing(family, pattern):
+    """Our F/S patch on an all-F model == transformers' own model built with `indexer_types` (same weights)."""
+    model = BUILDERS[family](seed=1)
+    stock = BUILDERS[family](seed=2, indexer_types=indexer_types(pattern))
+    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    assert {key.split(".indexer.")[0] for key in unexpected} == {
+        f"{architecture_for(family).indexer_weight_prefix(i)[:-9]}" for i, c in enumerate(pattern) if c == "S"
+    }
+    ids = random_ids(2, SEQ, seed=3)
+
+    ours, calls = _patched_loss(model, architecture_for(family), pattern, ids)
+    assert ours == pytest.approx(_stock_loss(stock, ids), rel=1e-5)
+    assert sorted(calls) == [i for i, c in enumerate(pattern) if c == "F"]
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_patterns_change_the_loss(family):
+    """Guard against an oracle that passes because sharing never matters on these tiny models."""
+    model = BUILDERS[family](seed=1)
+    ids = random_ids(2, SEQ, seed=3)
+    losses = {p: _patched_loss(model, architecture_for(family), p, ids)[0] for p in PATTERNS}
+    assert len({round(v, 6) for v in losses.values()}) == len(PATTERNS)
+
+
+def test_every_layer_indexer_family_all_full_matches_stock_and_s_layers_reuse_indices():
+    """axk2: transformers runs every indexer. All-F through our patch == stock; an S layer skips its indexer and
+    attends exactly the keys the previous F layer selected."""
+    model = axk2_model(seed=0)
+    arch = architecture_for("axk2")
+    ids = random_ids(2, SEQ)
+    loss, calls = _patched_loss(model, arch, "FFFF", ids)
+    assert loss == pytest.approx(_stock_loss(model, ids), rel=1e-5)
+    assert calls == {i: 1 for i in range(4)}
+
+    seen = {}  # layer -> the indices its attention received from the indexer slot (our switch)
+    lw = LayerwiseModel(model, arch)
+    with torch.no_grad(), index_sharing(model, arch, "FSSF") as state:
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.indexer.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out))
+        hidden, inputs = lw.embed(ids)
+        shared_loss = lw.nll_sum(lw.run_layers(hidden, inputs, 0, 4), ids).sum().item() / (2 * (SEQ - 1))
+        calls = dict(state.indexer_calls)
+    assert calls == {0: 1, 3: 1}
+    assert torch.equal(seen[1], seen[0]) and torch.equal(seen[2], seen[0]) and not torch.equal(seen[3], seen[0])
+    assert shared_loss != pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_prefix_cache_carries_cross_layer_state(family):
+    """Restarting at layer l from the cache (hidden states, index buffer and, for mistral_large4, the shared KV
+    the earlier layers left) gives exactly the full forward's loss; also with hidden states kept every 2 layers."""
+    model = BUILDERS[family](seed=1)
+    arch = architecture_for(family)
+    lw = LayerwiseModel(model, arch)
+    windows = random_ids(2, SEQ, seed=4)
+    with torch.no_grad(), index_sharing(model, arch) as sharing:
+        naive = PatternScorer(lw, sharing, windows, batch_size=1)
+        expected = {layer: naive.loss("FF" + "F" * (layer - 2) + "S" + "F" * (5 - layer)) for layer in (2, 3, 5)}
+        for every in (1, 2):
+            cached = CachedScorer(lw, sharing, windows, batch_size=1, plan=CachePlan("device", every))
+            scores = cached.score("FFFFFF", [2, 3, 5])
+            assert {layer: s.loss for layer, s in scores.items()} == expected
+
+
+@pytest.mark.parametrize(
+    "model_type,reason",
+    [
+        ("glm5_next", "S layer after a linear-attention layer"),
+        ("mistral_large4_text", "no causal-LM class"),
+        ("hy_v4_vl_text", "no causal-LM class"),
+    ],
+)
+def test_refused_families_say_why_in_one_line(model_type, reason):
+    with pytest.raises(IndexCacheError, match=reason) as err:
+        architecture_for(model_type)
+    assert "\n" not in str(err.value) and "is not supported" in str(err.value)

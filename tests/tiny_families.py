@@ -1,0 +1,89 @@
+"""Tiny random-init models of the DSA families beyond GLM-5 / DeepSeek-V3.2, from the real transformers classes.
+
+Each builder takes `indexer_types` (None = the config's default) so the oracle tests can build the stock model
+with transformers' own sharing and the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AXK2Config,
+    AXK2ForCausalLM,
+    HYV4Config,
+    HYV4ForCausalLM,
+    MistralLarge4Config,
+    MistralLarge4ForConditionalGeneration,
+)
+
+from tiny_models import _TINY, _perturb
+
+_MLA = {k: v for k, v in _TINY.items() if k != "q_lora_rank"}  # mistral_large4 has no q-LoRA
+
+# NoPE at layers 2 and 3 (their indexers skip RoPE too); layers 1, 3, 5 reuse the latent KV of 0, 2, 4, one of
+# them NoPE, so the shared-KV dict carries both its "rope" and "nope" entries across layers.
+MISTRAL_NO_ROPE = [1, 1, 0, 0, 1, 1]
+MISTRAL_KV_SOURCES = [0, 0, 2, 2, 4, 4]
+_PIXTRAL = dict(
+    model_type="pixtral",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    head_dim=8,
+    patch_size=4,
+    image_size=16,
+)
+
+
+def mistral_large4_config(indexer_types: list[str] | None = None, index_topk: int = 8) -> MistralLarge4Config:
+    """6 text layers (2 dense, 4 MoE) with NoPE layers and shared latent KV, behind a 1-layer Pixtral tower."""
+    text = dict(
+        _MLA,
+        num_hidden_layers=6,
+        index_topk=index_topk,
+        first_k_dense_replace=2,
+        no_rope_layers=MISTRAL_NO_ROPE,
+        kv_source_layers=MISTRAL_KV_SOURCES,
+        indexer_types=indexer_types,
+    )
+    config = MistralLarge4Config(text_config=text, vision_config=_PIXTRAL)
+    config._attn_implementation = "eager"
+    return config
+
+
+def mistral_large4_model(seed: int = 0, indexer_types: list[str] | None = None):
+    """A MistralLarge4ForConditionalGeneration (the class its checkpoints load as)."""
+    torch.manual_seed(seed)
+    model = MistralLarge4ForConditionalGeneration(mistral_large4_config(indexer_types)).eval()
+    _perturb(model, seed)
+    return model
+
+
+def hy_v4_config(indexer_types: list[str] | None = None, index_topk: int = 8) -> HYV4Config:
+    """6 layers (1 dense, 5 MoE), 4 hyper-connection streams, every indexer present unless `indexer_types` says."""
+    config = HYV4Config(
+        **_TINY,
+        num_hidden_layers=6,
+        index_topk=index_topk,
+        pad_token_id=None,
+        indexer_types=indexer_types or ["full"] * 6,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def hy_v4_model(seed: int = 0, indexer_types: list[str] | None = None) -> HYV4ForCausalLM:
+    torch.manual_seed(seed)
+    model = HYV4ForCausalLM(hy_v4_config(indexer_types)).eval()
+    _perturb(model, seed)
+    return model
+
+
+def axk2_model(seed: int = 0, num_layers: int = 4) -> AXK2ForCausalLM:
+    torch.manual_seed(seed)
+    config = AXK2Config(**_TINY, num_hidden_layers=num_layers, index_topk=8, first_k_dense_replace=1)
+    config._attn_implementation = "eager"
+    model = AXK2ForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
