@@ -4,9 +4,14 @@ layers, and the one-line refusals."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import transformers
+from typer.testing import CliRunner
 
+from indexcache.cli import app
 from indexcache.errors import IndexCacheError
 from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
@@ -14,6 +19,7 @@ from indexcache.patch import index_sharing
 from indexcache.patterns.layout import indexer_types
 from indexcache.scoring import CachedScorer, CachePlan, PatternScorer
 
+from conftest import _tokenizer
 from tiny_families import axk2_model, hy_v4_model, mistral_large4_model
 from tiny_models import random_ids
 
@@ -116,3 +122,58 @@ def test_refused_families_say_why_in_one_line(model_type, reason):
     with pytest.raises(IndexCacheError, match=reason) as err:
         architecture_for(model_type)
     assert "\n" not in str(err.value) and "is not supported" in str(err.value)
+
+
+# ------------------------------------------------------------------------------ search → eval → apply, per family
+
+CHECKPOINTS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model, "axk2": axk2_model}
+# What apply must write, and where: a vision-language checkpoint keeps the DSA settings in its text_config.
+APPLIED_KEYS = {
+    "mistral_large4": ("text_config", {"index_topk_pattern", "indexer_types"}),
+    "hy_v4": (None, {"indexer_types"}),
+    "axk2": (None, {"index_topk_pattern", "indexer_types"}),
+}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("family", sorted(CHECKPOINTS))
+def test_cli_round_trip(family, text_file, tmp_path):
+    """A tiny random checkpoint of each family: search, eval and apply through the CLI; the applied folder loads
+    in stock transformers with the pattern (where transformers honours it) and gives our patched loss."""
+    arch = architecture_for(family)
+    checkpoint = tmp_path / "ckpt"
+    model = CHECKPOINTS[family](seed=0)
+    model.save_pretrained(checkpoint)
+    _tokenizer(checkpoint)
+    pattern_path = tmp_path / "p.json"
+    sizes = "--num-samples 2 --seq-len 40 --num-full 2 --device cpu"
+    result = invoke("search", "--model", checkpoint, "--dataset", text_file, *sizes.split(), "-o", pattern_path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(pattern_path.read_text())
+    pattern = data["index_topk_pattern"]
+    assert data["model"]["model_type"] == family and pattern.count("F") == 2 and pattern[0] == "F"
+    assert len(data["trajectory"]) == len(pattern) - 2 and data["trajectory"][-1]["pattern"] == pattern
+
+    result = invoke("eval", pattern_path)
+    assert result.exit_code == 0, result.output
+    assert "all-F" in result.stdout and "uniform" in result.stdout
+
+    applied = tmp_path / "applied"
+    result = invoke("apply", pattern_path, "--model", checkpoint, "--output", applied)
+    assert result.exit_code == 0, result.output
+    assert ("ignores the pattern" in result.stderr) == (not arch.honours_pattern)
+    config = json.loads((applied / "config.json").read_text())
+    section, keys = APPLIED_KEYS[family]
+    written = config[section] if section else config
+    assert keys <= written.keys() and not ({"index_topk_pattern", "indexer_types"} - keys) & written.keys()
+    assert written["indexer_types"] == indexer_types(pattern)
+
+    stock = getattr(transformers, arch.auto_class).from_pretrained(applied, attn_implementation="eager").eval()
+    built_shared = [getattr(arch.attention(layer), arch.indexer_attr) is None for layer in arch.layers(stock)]
+    assert built_shared == ([c == "S" for c in pattern] if arch.honours_pattern else [False] * len(pattern))
+    if arch.honours_pattern:
+        ids = random_ids(2, SEQ, seed=5)
+        assert _stock_loss(stock, ids) == pytest.approx(_patched_loss(model, arch, pattern, ids)[0], rel=1e-5)

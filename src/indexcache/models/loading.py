@@ -132,7 +132,8 @@ def load_model(
     if keys is None:
         with_weights = list(range(num_layers))
     else:
-        with_weights = [i for i in range(num_layers) if any(k.startswith(arch.indexer_weight_prefix(i)) for k in keys)]
+        prefixes = [arch.checkpoint_indexer_prefixes(i) for i in range(num_layers)]
+        with_weights = [i for i in range(num_layers) if any(k.startswith(prefixes[i]) for k in keys)]
     if hasattr(text_config, "indexer_types"):
         text_config.indexer_types = ["full" if i in with_weights else "shared" for i in range(num_layers)]
 

@@ -4,7 +4,8 @@ Checkpoints load as `MistralLarge4ForConditionalGeneration`; the search runs tex
 model (`model.language_model`), exactly what the stock forward does when no image is given. The indexer has no
 q-LoRA (its query is `wq_b(q_input_norm(hidden))` with a per-position softmax scaling), every 4th layer is NoPE
 (its indexer skips RoPE too), layers share latent KV through a `shared_kv_states` dict (`kv_source_layers`), and
-the logits are soft-capped. `MistralLarge4TextConfig` turns `index_topk_pattern` (or `index_topk_freq` /
+the logits are soft-capped. transformers saves the weights under Mistral's own tensor
+names (`layers.N.attention.indexer.*`). `MistralLarge4TextConfig` turns `index_topk_pattern` (or `index_topk_freq` /
 `index_skip_topk_offset`) into `indexer_types`; S layers have no indexer module.
 """
 
@@ -20,6 +21,7 @@ ARCHITECTURE = register(
         indexer_query="hidden",
         shared_state="shared_kv_states",
         logit_softcap="final_logit_softcapping",
+        checkpoint_indexer_key="layers.{layer}.attention.indexer.",  # transformers saves Mistral's own names
         honours_pattern=True,
     )
 )

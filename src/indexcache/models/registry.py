@@ -44,6 +44,8 @@ class DsaArchitecture:
         pattern_keys: the config keys `apply` writes: those the family's readers (transformers, serving engines)
             take a pattern from. `indexer_types` is always among them.
         honours_pattern: stock transformers builds S layers from these keys (else only engines and our patch do).
+        checkpoint_indexer_key: the indexer's weight prefix in a checkpoint whose tensor names differ from the
+            module path (transformers renames them on load), as a format string of `layer`; None when they agree.
         refusal: why indexcache cannot serve this model type (one line), or None.
     """
 
@@ -64,6 +66,7 @@ class DsaArchitecture:
     logit_softcap: str | None = None
     pattern_keys: tuple[str, ...] = ("index_topk_pattern", "indexer_types")
     honours_pattern: bool = False
+    checkpoint_indexer_key: str | None = None
     refusal: str | None = None
 
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -82,6 +85,11 @@ class DsaArchitecture:
     def indexer_weight_prefix(self, layer_idx: int) -> str:
         """State-dict prefix of one layer's indexer weights, e.g. `model.layers.3.self_attn.indexer.`."""
         return ".".join((*self.layers_path, str(layer_idx), self.attention_attr, self.indexer_attr)) + "."
+
+    def checkpoint_indexer_prefixes(self, layer_idx: int) -> tuple[str, ...]:
+        """Tensor-name prefixes under which a checkpoint may store one layer's indexer weights."""
+        native = () if self.checkpoint_indexer_key is None else (self.checkpoint_indexer_key.format(layer=layer_idx),)
+        return (self.indexer_weight_prefix(layer_idx), *native)
 
     def pattern_note(self) -> str | None:
         """One line for `apply` when stock transformers does not honour a pattern for this family."""
