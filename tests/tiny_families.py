@@ -36,46 +36,43 @@ _PIXTRAL = dict(
 )
 
 
-def mistral_large4_config(indexer_types: list[str] | None = None, index_topk: int = 8) -> MistralLarge4Config:
+def mistral_large4_config(indexer_types: list[str] | None = None, **overrides) -> MistralLarge4Config:
     """6 text layers (2 dense, 4 MoE) with NoPE layers and shared latent KV, behind a 1-layer Pixtral tower."""
     text = dict(
         _MLA,
         num_hidden_layers=6,
-        index_topk=index_topk,
+        index_topk=8,
         first_k_dense_replace=2,
         no_rope_layers=MISTRAL_NO_ROPE,
         kv_source_layers=MISTRAL_KV_SOURCES,
         indexer_types=indexer_types,
     )
+    text.update(overrides)
     config = MistralLarge4Config(text_config=text, vision_config=_PIXTRAL)
     config._attn_implementation = "eager"
     return config
 
 
-def mistral_large4_model(seed: int = 0, indexer_types: list[str] | None = None):
+def mistral_large4_model(seed: int = 0, indexer_types: list[str] | None = None, **overrides):
     """A MistralLarge4ForConditionalGeneration (the class its checkpoints load as)."""
     torch.manual_seed(seed)
-    model = MistralLarge4ForConditionalGeneration(mistral_large4_config(indexer_types)).eval()
+    model = MistralLarge4ForConditionalGeneration(mistral_large4_config(indexer_types, **overrides)).eval()
     _perturb(model, seed)
     return model
 
 
-def hy_v4_config(indexer_types: list[str] | None = None, index_topk: int = 8) -> HYV4Config:
+def hy_v4_config(indexer_types: list[str] | None = None, **overrides) -> HYV4Config:
     """6 layers (1 dense, 5 MoE), 4 hyper-connection streams, every indexer present unless `indexer_types` says."""
-    config = HYV4Config(
-        **_TINY,
-        num_hidden_layers=6,
-        index_topk=index_topk,
-        pad_token_id=None,
-        indexer_types=indexer_types or ["full"] * 6,
-    )
+    kwargs = dict(_TINY, num_hidden_layers=6, index_topk=8, pad_token_id=None)
+    kwargs.update(overrides)
+    config = HYV4Config(**kwargs, indexer_types=indexer_types or ["full"] * 6)
     config._attn_implementation = "eager"
     return config
 
 
-def hy_v4_model(seed: int = 0, indexer_types: list[str] | None = None) -> HYV4ForCausalLM:
+def hy_v4_model(seed: int = 0, indexer_types: list[str] | None = None, **overrides) -> HYV4ForCausalLM:
     torch.manual_seed(seed)
-    model = HYV4ForCausalLM(hy_v4_config(indexer_types)).eval()
+    model = HYV4ForCausalLM(hy_v4_config(indexer_types, **overrides)).eval()
     _perturb(model, seed)
     return model
 

@@ -30,7 +30,7 @@ def select_backend(
 
     def triton_indexer(indexer, *args, **kwargs):
         call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments  # the family's own argument names
-        return wiring.indexer_topk(
+        indices = wiring.indexer_topk(
             indexer,
             arch.indexer_rope,
             call["hidden_states"],
@@ -41,5 +41,12 @@ def select_backend(
             scale_in_weights=arch.indexer_scale_in_weights,
             position_ids=call.get("position_ids"),
         )
+        if arch.sparse_attention_kernel:
+            return indices
+        # The family's own attention scatters the indices into a mask, which cannot take the kernel's -1. Only a
+        # query that sees fewer than top-k keys gets -1s, and it selects all of them, its own position included:
+        # that position stands in for the -1s without changing the selection (windows are whole prefills).
+        own = torch.arange(indices.shape[1], device=indices.device, dtype=indices.dtype)[None, :, None]
+        return torch.where(indices < 0, own, indices)
 
     return "triton", triton_indexer, wiring.register_sparse_attention() if arch.sparse_attention_kernel else None
