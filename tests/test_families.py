@@ -20,11 +20,11 @@ from indexcache.patterns.layout import indexer_types
 from indexcache.scoring import CachedScorer, CachePlan, PatternScorer
 
 from conftest import _tokenizer
-from tiny_families import axk2_model, hy_v4_model, mistral_large4_model
+from tiny_families import axk2_model, hy_v4_model, hy_v4_vl_model, mistral_large4_model
 from tiny_models import random_ids
 
 SEQ = 40  # index_topk 8 ≪ 40: selection matters in every layer
-BUILDERS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model}
+BUILDERS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model, "hy_v4_vl": hy_v4_vl_model}
 # Every layer F, alternating, one long S run, S right after F at the NoPE / shared-KV layers, late F.
 PATTERNS = ["FFFFFF", "FSFSFS", "FSSSSS", "FFSSFS", "FSSFSF"]
 
@@ -126,11 +126,17 @@ def test_refused_families_say_why_in_one_line(model_type, reason):
 
 # ------------------------------------------------------------------------------ search → eval → apply, per family
 
-CHECKPOINTS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model, "axk2": axk2_model}
+CHECKPOINTS = {
+    "mistral_large4": mistral_large4_model,
+    "hy_v4": hy_v4_model,
+    "hy_v4_vl": hy_v4_vl_model,
+    "axk2": axk2_model,
+}
 # What apply must write, and where: a vision-language checkpoint keeps the DSA settings in its text_config.
 APPLIED_KEYS = {
     "mistral_large4": ("text_config", {"index_topk_pattern", "indexer_types"}),
     "hy_v4": (None, {"indexer_types"}),
+    "hy_v4_vl": ("text_config", {"indexer_types"}),
     "axk2": (None, {"index_topk_pattern", "indexer_types"}),
 }
 

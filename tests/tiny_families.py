@@ -12,6 +12,8 @@ from transformers import (
     AXK2ForCausalLM,
     HYV4Config,
     HYV4ForCausalLM,
+    HYV4VLConfig,
+    HYV4VLForConditionalGeneration,
     MistralLarge4Config,
     MistralLarge4ForConditionalGeneration,
 )
@@ -73,6 +75,23 @@ def hy_v4_config(indexer_types: list[str] | None = None, **overrides) -> HYV4Con
 def hy_v4_model(seed: int = 0, indexer_types: list[str] | None = None, **overrides) -> HYV4ForCausalLM:
     torch.manual_seed(seed)
     model = HYV4ForCausalLM(hy_v4_config(indexer_types, **overrides)).eval()
+    _perturb(model, seed)
+    return model
+
+
+def hy_v4_vl_model(seed: int = 0, indexer_types: list[str] | None = None) -> HYV4VLForConditionalGeneration:
+    """The hy_v4 text model above (its 3-axis mRoPE sections shrunk to the tiny rotary dims) behind a 1-layer
+    vision tower; text-only windows give every axis the same positions."""
+    torch.manual_seed(seed)
+    rope = dict(_TINY["rope_parameters"], mrope_section=[2, 1, 1])
+    text = dict(_TINY, num_hidden_layers=6, index_topk=8, pad_token_id=None, rope_parameters=rope)
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, out_hidden_size=48,
+        patch_size=4, max_image_size=16,
+    )  # fmt: skip
+    config = HYV4VLConfig(text_config=dict(text, indexer_types=indexer_types or ["full"] * 6), vision_config=vision)
+    config._attn_implementation = "eager"
+    model = HYV4VLForConditionalGeneration(config).eval()
     _perturb(model, seed)
     return model
 
