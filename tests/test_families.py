@@ -114,6 +114,11 @@ def test_prefix_cache_carries_cross_layer_state(family):
     "model_type,reason",
     [
         ("glm5_next", "S layer after a linear-attention layer"),
+        ("deepseek_v4", "compressed-sparse-attention layers only"),
+        ("dots3_note", "sliding-window layers"),
+        ("minimax_m3_vl", "build_block_mask"),
+        ("qwen4_exp", "layer 0 is linear attention"),
+        ("step3p7", "builds no indexer module"),
         ("mistral_large4_text", "no causal-LM class"),
         ("hy_v4_vl_text", "no causal-LM class"),
     ],
@@ -183,3 +188,13 @@ def test_cli_round_trip(family, text_file, tmp_path):
     if arch.honours_pattern:
         ids = random_ids(2, SEQ, seed=5)
         assert _stock_loss(stock, ids) == pytest.approx(_patched_loss(model, arch, pattern, ids)[0], rel=1e-5)
+
+
+def test_refused_family_checkpoint_fails_the_cli_with_its_reason(tmp_path, text_file):
+    """A real glm5_next config through `search`: exit 2, one `error:` line naming the upstream limitation."""
+    transformers.AutoConfig.for_model("glm5_next").save_pretrained(tmp_path / "glm5")
+    result = invoke("search", "--model", tmp_path / "glm5", "--dataset", text_file, "-o", tmp_path / "p.json")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "linear-attention layer" in lines[0]
+    assert not (tmp_path / "p.json").exists()
