@@ -23,7 +23,8 @@ def apply_pattern(
     """Write `output_dir`: `model_dir` with the pattern in config.json, under the keys the family's readers use.
 
     `indexer_types` always (transformers' GlmMoeDsaConfig and MistralLarge4TextConfig prefer it over
-    `index_topk_pattern`; HYV4Config reads nothing else), `index_topk_pattern` where the family's readers take it;
+    `index_topk_pattern`; HYV4Config reads nothing else), `index_topk_pattern` where the family's readers take it,
+    `use_index_cache: true` where vLLM serves the family (it ignores the pattern without it);
     a vision-language checkpoint gets them in its `text_config`. Says in one line (`log`) when stock transformers
     ignores the pattern for this family. Weights and tokenizer files are symlinked (copied with `copy=True`).
     The folder appears all at once: it is built beside the target and renamed into place.
@@ -46,7 +47,7 @@ def apply_pattern(
     pattern = data["index_topk_pattern"]
     for key in (*_SCHEDULE_KEYS, "index_topk_pattern"):
         text_config.pop(key, None)
-    values = {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern)}
+    values = {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern), "use_index_cache": True}
     text_config.update({key: values[key] for key in arch.pattern_keys})
     if arch.pattern_note():
         log(arch.pattern_note())

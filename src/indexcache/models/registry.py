@@ -42,7 +42,8 @@ class DsaArchitecture:
             prefix cache keeps what it holds when each layer starts.
         logit_softcap: attribute of the loaded model with the final logit soft-capping value (tanh), if any.
         pattern_keys: the config keys `apply` writes: those the family's readers (transformers, serving engines)
-            take a pattern from. `indexer_types` is always among them.
+            take a pattern from. `indexer_types` is always among them; `use_index_cache` (true) is vLLM's switch
+            for IndexCache on DSA models (docs.vllm.ai, features/index_cache).
         honours_pattern: stock transformers builds S layers from these keys (else only engines and our patch do).
         checkpoint_indexer_key: the indexer's weight prefix in a checkpoint whose tensor names differ from the
             module path (transformers renames them on load), as a format string of `layer`; None when they agree.
