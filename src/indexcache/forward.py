@@ -125,7 +125,7 @@ class LayerwiseModel:
         hidden = self.base.norm(hidden)
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model, self.arch.logit_softcap) if self.arch.logit_softcap else None
-        hidden = hidden.to(head.weight.device)
+        hidden = hidden.to(head.weight.device, head.weight.dtype)  # hy_v4 keeps its LM head in fp32
         labels = input_ids.to(hidden.device)[:, 1:]
         hidden = hidden[:, :-1]
         batch, positions = labels.shape
