@@ -1,6 +1,6 @@
-"""The product kernel path (`select_backend` → `index_sharing`) on the families whose indexer layout differs from
-GLM-5's: hy_v4 (rotary dims at the end of the head, half-split RoPE, fp32 k_norm, softmax_scale folded into the
-weights; stock attention because of its sinks) and mistral_large4 (no q-LoRA, per-position query scaling, NoPE
+"""The product kernel path (`select_backend` → `index_sharing`) on the new families: axk2 (DeepSeek-V3.2's layout),
+hy_v4 (rotary dims at the end of the head, half-split RoPE, fp32 k_norm, softmax_scale folded into the weights;
+stock attention because of its sinks) and mistral_large4 (no q-LoRA, per-position query scaling, NoPE
 layers, sparse-attention kernel). Triton runs under TRITON_INTERPRET=1 on the CPU."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
 from indexcache.patch import index_sharing  # noqa: E402
 
-from tiny_families import hy_v4_model, mistral_large4_model  # noqa: E402
+from tiny_families import axk2_model, hy_v4_model, mistral_large4_model  # noqa: E402
 from tiny_models import random_ids  # noqa: E402
 
-BUILDERS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model}
+BUILDERS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model, "axk2": axk2_model}
 # 8 indexer heads: with 2, a quarter of the keys score exactly 0 after the ReLU and top-k breaks those ties
 # arbitrarily (the kernel and the reference legitimately differ there).
 INDEXER = dict(index_n_heads=8, index_head_dim=32)
@@ -43,9 +43,9 @@ def _loss(model, arch, pattern: str, ids: torch.Tensor, backend: str) -> float:
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_kernel_path_reproduces_reference_loss(family):
     """F and S layers; for mistral_large4 an F layer that is NoPE (layer 2) and KV-sharing layers."""
-    pattern = "FSFSSF"
     model = BUILDERS[family](seed=1, **INDEXER)
     arch = architecture_for(family)
+    pattern = "FSFSSF"[: len(arch.layers(model))]
     ids = random_ids(1, 32, seed=3)
     reference = _loss(model, arch, pattern, ids, "reference")
     assert _loss(model, arch, pattern, ids, "triton") == pytest.approx(reference, rel=LOSS_RTOL)

@@ -96,9 +96,11 @@ def hy_v4_vl_model(seed: int = 0, indexer_types: list[str] | None = None) -> HYV
     return model
 
 
-def axk2_model(seed: int = 0, num_layers: int = 4) -> AXK2ForCausalLM:
+def axk2_model(seed: int = 0, num_layers: int = 4, **overrides) -> AXK2ForCausalLM:
     torch.manual_seed(seed)
-    config = AXK2Config(**_TINY, num_hidden_layers=num_layers, index_topk=8, first_k_dense_replace=1)
+    kwargs = dict(_TINY, num_hidden_layers=num_layers, index_topk=8, first_k_dense_replace=1)
+    kwargs.update(overrides)
+    config = AXK2Config(**kwargs)
     config._attn_implementation = "eager"
     model = AXK2ForCausalLM(config).eval()
     _perturb(model, seed)
