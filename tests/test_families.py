@@ -20,7 +20,7 @@ from indexcache.patterns.layout import indexer_types
 from indexcache.scoring import CachedScorer, CachePlan, PatternScorer
 
 from conftest import _tokenizer
-from tiny_families import axk2_model, hy_v4_model, hy_v4_vl_model, mistral_large4_model
+from tiny_families import axk2_model, hy_v4_model, hy_v4_vl_model, minimax_m3_text_model, mistral_large4_model
 from tiny_models import deepseek_model, glm_model, random_ids
 
 SEQ = 40  # index_topk 8 ≪ 40: selection matters in every layer
@@ -70,26 +70,46 @@ def test_patterns_change_the_loss(family):
     assert len({round(v, 6) for v in losses.values()}) == len(PATTERNS)
 
 
-def test_every_layer_indexer_family_all_full_matches_stock_and_s_layers_reuse_indices():
-    """axk2: transformers runs every indexer. All-F through our patch == stock; an S layer skips its indexer and
-    attends exactly the keys the previous F layer selected."""
-    model = axk2_model(seed=0)
-    arch = architecture_for("axk2")
-    ids = random_ids(2, SEQ)
-    loss, calls = _patched_loss(model, arch, "FFFF", ids)
-    assert loss == pytest.approx(_stock_loss(model, ids), rel=1e-5)
-    assert calls == {i: 1 for i in range(4)}
+# Families whose stock transformers code runs every indexer: model, an all-F pattern and a pattern with S layers.
+# minimax_m3_vl_text's layer 1 has dense attention (no indexer): S in every pattern, and no switch.
+EVERY_LAYER = {
+    "axk2": (axk2_model, "FFFF", "FSSF"),
+    "minimax_m3_vl_text": (minimax_m3_text_model, "FSFFF", "FSSFS"),
+}
 
-    seen = {}  # layer -> the indices its attention received from the indexer slot (our switch)
+
+@pytest.mark.parametrize("family", sorted(EVERY_LAYER))
+def test_every_layer_indexer_family_all_full_matches_stock_and_s_layers_reuse_indices(family):
+    """All-F through our patch == stock; an S layer skips its indexer and its attention receives exactly the
+    selection the previous F layer made (axk2: top-k tokens; minimax: top-k key blocks per indexer head)."""
+    build, all_full, shared = EVERY_LAYER[family]
+    model = build(seed=0)
+    arch = architecture_for(family)
+    ids = random_ids(2, SEQ)
+    loss, calls = _patched_loss(model, arch, all_full, ids)
+    assert loss == pytest.approx(_stock_loss(model, ids), rel=1e-5)
+    assert sorted(calls) == [i for i, c in enumerate(all_full) if c == "F"]
+
+    seen = {}  # layer -> the selection its attention received from the indexer slot (our switch)
     lw = LayerwiseModel(model, arch)
-    with torch.no_grad(), index_sharing(model, arch, "FSSF") as state:
-        for i, layer in enumerate(model.model.layers):
-            layer.self_attn.indexer.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out))
+    with torch.no_grad(), index_sharing(model, arch, shared) as state:
+        switches = {i: arch.attention(layer).indexer for i, layer in enumerate(arch.layers(model))}
+        for i, switch in switches.items():
+            if switch is not None:
+                switch.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out))
         hidden, inputs = lw.embed(ids)
-        shared_loss = lw.nll_sum(lw.run_layers(hidden, inputs, 0, 4), ids).sum().item() / (2 * (SEQ - 1))
+        hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
+        shared_loss = lw.nll_sum(hidden, ids).sum().item() / (2 * (SEQ - 1))
         calls = dict(state.indexer_calls)
-    assert calls == {0: 1, 3: 1}
-    assert torch.equal(seen[1], seen[0]) and torch.equal(seen[2], seen[0]) and not torch.equal(seen[3], seen[0])
+    assert sorted(calls) == [i for i, c in enumerate(shared) if c == "F"]
+    assert sorted(seen) == [i for i in range(len(shared)) if arch.is_dsa_layer(model, i)]
+    last_full = None
+    for i in sorted(seen):
+        if shared[i] == "F":
+            last_full = i
+        else:
+            assert torch.equal(seen[i], seen[last_full]), f"layer {i} did not get layer {last_full}'s selection"
+    assert any(not torch.equal(seen[i], seen[0]) for i in seen if shared[i] == "F" and i > 0)
     assert shared_loss != pytest.approx(loss, rel=1e-6)
 
 
@@ -116,7 +136,6 @@ def test_prefix_cache_carries_cross_layer_state(family):
         ("glm5_next", "S layer after a linear-attention layer"),
         ("deepseek_v4", "compressed-sparse-attention layers only"),
         ("dots3_note", "sliding-window layers"),
-        ("minimax_m3_vl", "build_block_mask"),
         ("qwen4_exp", "layer 0 is linear attention"),
         ("step3p7", "builds no indexer module"),
         ("mistral_large4_text", "no causal-LM class"),
@@ -136,6 +155,7 @@ CHECKPOINTS = {
     "hy_v4": hy_v4_model,
     "hy_v4_vl": hy_v4_vl_model,
     "axk2": axk2_model,
+    "minimax_m3_vl_text": minimax_m3_text_model,
     "glm_moe_dsa": glm_model,
     "deepseek_v32": deepseek_model,
 }
@@ -145,6 +165,7 @@ APPLIED_KEYS = {
     "hy_v4": (None, {"indexer_types"}),
     "hy_v4_vl": ("text_config", {"indexer_types"}),
     "axk2": (None, {"index_topk_pattern", "indexer_types"}),
+    "minimax_m3_vl_text": (None, {"index_topk_pattern", "indexer_types"}),
     "glm_moe_dsa": (None, {"index_topk_pattern", "indexer_types", "use_index_cache"}),  # + vLLM's switch
     "deepseek_v32": (None, {"index_topk_pattern", "indexer_types", "use_index_cache"}),
 }
@@ -170,7 +191,8 @@ def test_cli_round_trip(family, text_file, tmp_path):
     data = json.loads(pattern_path.read_text())
     pattern = data["index_topk_pattern"]
     assert data["model"]["model_type"] == family and pattern.count("F") == 2 and pattern[0] == "F"
-    assert len(data["trajectory"]) == len(pattern) - 2 and data["trajectory"][-1]["pattern"] == pattern
+    steps = len(data["model"]["indexer_layers"]) - 2  # layers without an indexer start (and stay) S
+    assert len(data["trajectory"]) == steps and data["trajectory"][-1]["pattern"] == pattern
 
     result = invoke("eval", pattern_path)
     assert result.exit_code == 0, result.output
@@ -190,7 +212,8 @@ def test_cli_round_trip(family, text_file, tmp_path):
 
     stock = getattr(transformers, arch.auto_class).from_pretrained(applied, attn_implementation="eager").eval()
     built_shared = [getattr(arch.attention(layer), arch.indexer_attr) is None for layer in arch.layers(stock)]
-    assert built_shared == ([c == "S" for c in pattern] if arch.honours_pattern else [False] * len(pattern))
+    dense = [not arch.is_dsa_layer(stock, i) for i in range(len(pattern))]
+    assert built_shared == ([c == "S" for c in pattern] if arch.honours_pattern else dense)
     if arch.honours_pattern:
         ids = random_ids(2, SEQ, seed=5)
         assert _stock_loss(stock, ids) == pytest.approx(_patched_loss(model, arch, pattern, ids)[0], rel=1e-5)

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     use_triton_interpreter()
 
 from indexcache.backends import select_backend  # noqa: E402
+from indexcache.errors import IndexCacheError  # noqa: E402
 from indexcache.forward import LayerwiseModel  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
@@ -55,3 +56,12 @@ def test_hy_v4_keeps_its_own_attention_on_the_kernel_path():
     """Our sparse-attention kernel has no attention sinks: hy_v4 gets the indexer kernel only."""
     assert select_backend(architecture_for("hy_v4"), torch.device("cuda"), "triton")[2] is None
     assert select_backend(architecture_for("mistral_large4"), torch.device("cuda"), "triton")[2] is not None
+
+
+def test_block_level_indexer_takes_the_reference_path():
+    """minimax_m3_vl selects key blocks, which the Triton indexer does not compute: auto → reference, even on CUDA;
+    asking for triton is one clear error."""
+    arch = architecture_for("minimax_m3_vl_text")
+    assert select_backend(arch, torch.device("cuda"), "auto")[0] == "reference"
+    with pytest.raises(IndexCacheError, match="has no kernel here; use --kernels reference"):
+        select_backend(arch, torch.device("cuda"), "triton")

@@ -14,6 +14,8 @@ from transformers import (
     HYV4ForCausalLM,
     HYV4VLConfig,
     HYV4VLForConditionalGeneration,
+    MiniMaxM3VLForCausalLM,
+    MiniMaxM3VLTextConfig,
     MistralLarge4Config,
     MistralLarge4ForConditionalGeneration,
 )
@@ -103,5 +105,39 @@ def axk2_model(seed: int = 0, num_layers: int = 4, **overrides) -> AXK2ForCausal
     config = AXK2Config(**kwargs)
     config._attn_implementation = "eager"
     model = AXK2ForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+MINIMAX_LAYER_TYPES = ["minimax_m3_sparse", "full_attention", *["minimax_m3_sparse"] * 3]
+
+
+def minimax_m3_text_model(seed: int = 0) -> MiniMaxM3VLForCausalLM:
+    """5 layers, layer 1 dense (no indexer); the indexer keeps 2 blocks of 4 keys (plus the local one) per query."""
+    torch.manual_seed(seed)
+    config = MiniMaxM3VLTextConfig(
+        **{k: _TINY[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "rope_parameters")},
+        dense_intermediate_size=64,
+        shared_intermediate_size=24,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rotary_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_block_size=4,
+        index_topk_blocks=2,
+        index_local_blocks=1,
+        layer_types=MINIMAX_LAYER_TYPES,
+        max_position_embeddings=512,
+        pad_token_id=None,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    model = MiniMaxM3VLForCausalLM(config).eval()
     _perturb(model, seed)
     return model

@@ -18,12 +18,15 @@ def select_backend(
 ) -> tuple[str, IndexerFn, str | None]:
     """Returns (name, indexer_fn, attn_implementation) for `index_sharing`.
 
-    `auto` takes the Triton kernels on CUDA and the stock transformers path (the reference) elsewhere.
+    `auto` takes the Triton kernels on CUDA and the stock transformers path (the reference) elsewhere, and for
+    families whose indexer the kernel does not compute (`arch.indexer_kernel` False).
     """
     if choice not in CHOICES:
         raise IndexCacheError(f"--kernels {choice} is not one of {', '.join(CHOICES)}")
-    if choice == "reference" or (choice == "auto" and device.type != "cuda"):
+    if choice == "reference" or (choice == "auto" and (device.type != "cuda" or not arch.indexer_kernel)):
         return "reference", reference_indexer, None
+    if not arch.indexer_kernel:
+        raise IndexCacheError(f"--kernels triton: {arch.family}'s indexer has no kernel here; use --kernels reference")
     if device.type != "cuda":
         raise IndexCacheError("--kernels triton needs a CUDA GPU; use --kernels reference on CPU")
     from .kernels import wiring

@@ -63,6 +63,15 @@ class _IndexerSwitch(nn.Module):
         self.state = state
         self.compute = compute
 
+    def __getattr__(self, name: str):
+        """The attention may call the indexer's helpers besides its forward (minimax_m3_vl: `build_block_mask`)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or self._modules.get("inner") is None:
+                raise
+            return getattr(self._modules["inner"], name)
+
     def forward(self, hidden_states, *args, **kwargs):
         """Every family passes hidden_states [B, S, D] first; the rest is the family's own indexer call."""
         state = self.state
@@ -115,6 +124,8 @@ def index_sharing(
 
     originals = []
     for i, layer in enumerate(layers):
+        if not arch.is_dsa_layer(model, i):
+            continue  # dense attention: no indexer to run or to stand in for
         attn = arch.attention(layer)
         was_module = arch.indexer_attr in attn._modules
         inner = getattr(attn, arch.indexer_attr, None)

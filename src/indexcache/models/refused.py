@@ -15,10 +15,6 @@ _REFUSALS = {
         "only its indexed_attention layers have an indexer; its sliding-window layers (no indexer, their own mask "
         "and rotary table) would be taken for S layers by the patch, and the layer loop builds one mask for all layers"
     ),
-    ("minimax_m3_vl", "MiniMax-M3-VL"): (
-        "its block-level indexer exists only on minimax_m3_sparse layers and the attention calls the indexer's "
-        "build_block_mask() besides its forward; the patch stands in for the forward only"
-    ),
     ("qwen4_exp", "Qwen4-Exp"): (
         "its QSA indexer exists only on indexed_attention layers (layer 0 is linear attention) and returns a "
         "token mask, not top-k indices; indexcache patterns need an indexer on layer 0"

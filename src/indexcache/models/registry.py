@@ -45,6 +45,11 @@ class DsaArchitecture:
             take a pattern from. `indexer_types` is always among them; `use_index_cache` (true) is vLLM's switch
             for IndexCache on DSA models (docs.vllm.ai, features/index_cache).
         honours_pattern: stock transformers builds S layers from these keys (else only engines and our patch do).
+        dsa_layers: (config attribute, value) marking the layers with sparse attention where only some have it
+            (minimax_m3_vl: `layer_types` == "minimax_m3_sparse"); the patch leaves the other layers alone.
+            None: every layer is a DSA layer, and one built without an indexer is an S layer.
+        indexer_kernel: the Triton indexer computes what this family's indexer selects (False: block-level or
+            other selections; the reference path runs, also on CUDA).
         checkpoint_indexer_key: the indexer's weight prefix in a checkpoint whose tensor names differ from the
             module path (transformers renames them on load), as a format string of `layer`; None when they agree.
         refusal: why indexcache cannot serve this model type (one line), or None.
@@ -67,6 +72,8 @@ class DsaArchitecture:
     logit_softcap: str | None = None
     pattern_keys: tuple[str, ...] = ("index_topk_pattern", "indexer_types")
     honours_pattern: bool = False
+    dsa_layers: tuple[str, str] | None = None
+    indexer_kernel: bool = True
     checkpoint_indexer_key: str | None = None
     refusal: str | None = None
 
@@ -82,6 +89,13 @@ class DsaArchitecture:
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention_attr)
+
+    def is_dsa_layer(self, model: nn.Module, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has sparse attention (and so takes part in the pattern)."""
+        if self.dsa_layers is None:
+            return True
+        attribute, value = self.dsa_layers
+        return getattr(self.base_model(model).config, attribute)[layer_idx] == value
 
     def indexer_weight_prefix(self, layer_idx: int) -> str:
         """State-dict prefix of one layer's indexer weights, e.g. `model.layers.3.self_attn.indexer.`."""
