@@ -20,7 +20,14 @@ from indexcache.patterns.layout import indexer_types
 from indexcache.scoring import CachedScorer, CachePlan, PatternScorer
 
 from conftest import _tokenizer
-from tiny_families import axk2_model, hy_v4_model, hy_v4_vl_model, minimax_m3_text_model, mistral_large4_model
+from tiny_families import (
+    axk2_model,
+    hy_v4_model,
+    hy_v4_vl_model,
+    minimax_m3_text_model,
+    minimax_m3_vl_model,
+    mistral_large4_model,
+)
 from tiny_models import deepseek_model, glm_model, random_ids
 
 SEQ = 40  # index_topk 8 ≪ 40: selection matters in every layer
@@ -156,6 +163,7 @@ CHECKPOINTS = {
     "hy_v4_vl": hy_v4_vl_model,
     "axk2": axk2_model,
     "minimax_m3_vl_text": minimax_m3_text_model,
+    "minimax_m3_vl": minimax_m3_vl_model,
     "glm_moe_dsa": glm_model,
     "deepseek_v32": deepseek_model,
 }
@@ -166,6 +174,7 @@ APPLIED_KEYS = {
     "hy_v4_vl": ("text_config", {"indexer_types"}),
     "axk2": (None, {"index_topk_pattern", "indexer_types"}),
     "minimax_m3_vl_text": (None, {"index_topk_pattern", "indexer_types"}),
+    "minimax_m3_vl": ("text_config", {"index_topk_pattern", "indexer_types"}),
     "glm_moe_dsa": (None, {"index_topk_pattern", "indexer_types", "use_index_cache"}),  # + vLLM's switch
     "deepseek_v32": (None, {"index_topk_pattern", "indexer_types", "use_index_cache"}),
 }

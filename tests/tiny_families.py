@@ -14,6 +14,8 @@ from transformers import (
     HYV4ForCausalLM,
     HYV4VLConfig,
     HYV4VLForConditionalGeneration,
+    MiniMaxM3SparseForConditionalGeneration,
+    MiniMaxM3VLConfig,
     MiniMaxM3VLForCausalLM,
     MiniMaxM3VLTextConfig,
     MistralLarge4Config,
@@ -139,5 +141,19 @@ def minimax_m3_text_model(seed: int = 0) -> MiniMaxM3VLForCausalLM:
     )
     config._attn_implementation = "eager"
     model = MiniMaxM3VLForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def minimax_m3_vl_model(seed: int = 0) -> MiniMaxM3SparseForConditionalGeneration:
+    """The MiniMax-M3 text model above behind a 1-layer vision tower."""
+    text = minimax_m3_text_model(seed).config.to_dict()
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    config = MiniMaxM3VLConfig(
+        text_config=text, vision_config=vision, projector_hidden_size=32, image_token_index=300, video_token_index=301
+    )
+    config._attn_implementation = "eager"
+    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
     _perturb(model, seed)
     return model
