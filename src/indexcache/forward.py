@@ -37,7 +37,8 @@ class LayerInputs:
     attention_mask: torch.Tensor | None
 
 
-# State that layers pass to later layers besides the hidden states (mistral_large4's shared latent KV), or None.
+# State that layers pass to later layers besides the hidden states, or None: transformers' KVSharingDict, the
+# container mistral_large4's layers fill with the latent KV that later layers reuse (`kv_source_layers`).
 LayerState = KVSharingDict | None
 
 
@@ -63,7 +64,8 @@ class LayerwiseModel:
 
     @staticmethod
     def snapshot(layer_state: LayerState) -> LayerState:
-        """What `layer_state` holds now; later layers add entries but never change the tensors in it."""
+        """What `layer_state` holds now. Later layers add or replace entries (mistral_large4's KV-source layers)
+        but never write into a tensor, so a shallow copy keeps this moment's state."""
         return None if layer_state is None else KVSharingDict(dict(layer_state))
 
     @property

@@ -240,8 +240,9 @@ class CachedScorer(PatternScorer):
         return None if t is None else t.to(like, non_blocking=True)
 
     def _store_state(self, layer_state: LayerState, host_copies: dict[int, torch.Tensor]) -> LayerState:
-        """A snapshot of the cross-layer state. Layers add entries but never change one, so on the host each tensor
-        is copied once per run (`host_copies`: id of a live device tensor → its host copy), not once per layer."""
+        """A snapshot of the cross-layer state. Layers add or replace entries but never write into a tensor, so on
+        the host each tensor is copied once per run (`host_copies`: id of a live device tensor → its host copy), not
+        once per layer that sees it."""
         snapshot = self.lw.snapshot(layer_state)
         if snapshot is not None and self.plan.location == "host":
             for key, tensors in snapshot.items():
