@@ -7,13 +7,12 @@ from .registry import DsaArchitecture, register
 
 _REFUSALS = {
     ("deepseek_v4", "DeepSeek-V4"): (
-        "its indexer sits inside the compressor of compressed-sparse-attention layers only (layer 0 is heavily-"
-        "compressed, without one) and picks compressed KV blocks; indexcache patterns need an indexer on layer 0 "
-        "and one mask and rotary table for all layers"
+        "its indexer lives in the compressor of compressed-sparse-attention layers only (none on layer 0) and picks "
+        "compressed KV blocks; indexcache needs an indexer on layer 0"
     ),
     ("dots3_note", "dots.3 note"): (
-        "only its indexed_attention layers have an indexer; its sliding-window layers (no indexer, their own mask "
-        "and rotary table) would be taken for S layers by the patch, and the layer loop builds one mask for all layers"
+        "its layers take a mask and a rotary table by layer type (sliding-window, indexed with an fp32 table); "
+        "indexcache's layer loop builds one of each for all layers"
     ),
     ("qwen4_exp", "Qwen4-Exp"): (
         "its QSA indexer exists only on indexed_attention layers (layer 0 is linear attention) and returns a "
@@ -24,9 +23,8 @@ _REFUSALS = {
         "implemented there), so there is nothing to share"
     ),
     ("glm5_next", "GLM-5.3-Flash"): (
-        "upstream transformers' Glm5Next layers pass top-k indices on only to a directly following S layer "
-        "(`next_skip_topk`) and linear-attention layers pass none, so an S layer after a linear-attention layer "
-        "or a second S layer in a row raises 'Shared DSA layers require top-k indices'; sharing is unusable there today"
+        "upstream transformers passes top-k only to an S layer right after an F layer (linear-attention layers pass "
+        "none), so an S layer after a linear-attention layer or a second S in a row raises"
     ),
 }
 

@@ -125,7 +125,8 @@ def register(arch: DsaArchitecture) -> DsaArchitecture:
 
 
 def supported_families() -> str:
-    return ", ".join(f"{a.family} ({a.model_type})" for a in _ARCHITECTURES.values() if a.refusal is None)
+    """The model types indexcache serves, comma-separated (short enough for a one-line error)."""
+    return ", ".join(a.model_type for a in _ARCHITECTURES.values() if a.refusal is None)
 
 
 def architecture_for(model_type: str | None) -> DsaArchitecture:
@@ -134,7 +135,7 @@ def architecture_for(model_type: str | None) -> DsaArchitecture:
     if arch is None:
         raise IndexCacheError(
             f"model type '{model_type}' has no DSA lightning indexer that indexcache knows; "
-            f"supported families: {supported_families()}"
+            f"supported model types: {supported_families()}"
         )
     if arch.refusal is not None:
         raise IndexCacheError(f"model type '{model_type}' ({arch.family}) is not supported: {arch.refusal}")
