@@ -22,6 +22,7 @@ from indexcache.scoring import CachedScorer, CachePlan, PatternScorer
 from conftest import _tokenizer
 from tiny_families import (
     axk2_model,
+    dots3_note_text_model,
     hy_v4_model,
     hy_v4_vl_model,
     minimax_m3_text_model,
@@ -78,9 +79,11 @@ def test_patterns_change_the_loss(family):
 
 
 # Families whose stock transformers code runs every indexer: model, an all-F pattern and a pattern with S layers.
-# minimax_m3_vl_text's layer 1 has dense attention (no indexer): S in every pattern, and no switch.
+# minimax_m3_vl_text's layer 1 and dots3_note_text's sliding-window layers 2-4 have dense attention (no indexer):
+# S in every pattern, and no switch.
 EVERY_LAYER = {
     "axk2": (axk2_model, "FFFF", "FSSF"),
+    "dots3_note_text": (dots3_note_text_model, "FFSSSF", "FSSSSF"),
     "minimax_m3_vl_text": (minimax_m3_text_model, "FSFFF", "FSSFS"),
 }
 
@@ -143,7 +146,7 @@ def test_prefix_cache_carries_cross_layer_state(family):
     [
         ("glm5_next", "S layer after a linear-attention layer or a second S in a row raises"),
         ("deepseek_v4", "compressed-sparse-attention layers only"),
-        ("dots3_note", "a mask and a rotary table by layer type"),
+        ("dots3_note", "vision-language checkpoint was not tried"),
         ("qwen4_exp", "layer 0 is linear attention"),
         ("step3p7", "builds no indexer module"),
         ("mistral_large4_text", "no causal-LM class"),
@@ -163,6 +166,7 @@ CHECKPOINTS = {
     "hy_v4": hy_v4_model,
     "hy_v4_vl": hy_v4_vl_model,
     "axk2": axk2_model,
+    "dots3_note_text": dots3_note_text_model,
     "minimax_m3_vl_text": minimax_m3_text_model,
     "minimax_m3_vl": minimax_m3_vl_model,
     "glm_moe_dsa": glm_model,
@@ -174,6 +178,7 @@ APPLIED_KEYS = {
     "hy_v4": (None, {"indexer_types"}),
     "hy_v4_vl": ("text_config", {"indexer_types"}),
     "axk2": (None, {"index_topk_pattern", "indexer_types"}),
+    "dots3_note_text": (None, {"index_topk_pattern", "indexer_types"}),
     "minimax_m3_vl_text": (None, {"index_topk_pattern", "indexer_types"}),
     "minimax_m3_vl": ("text_config", {"index_topk_pattern", "indexer_types"}),
     "glm_moe_dsa": (None, {"index_topk_pattern", "indexer_types", "use_index_cache"}),  # + vLLM's switch

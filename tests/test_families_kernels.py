@@ -20,10 +20,17 @@ from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
 from indexcache.patch import index_sharing  # noqa: E402
 
-from tiny_families import axk2_model, hy_v4_model, mistral_large4_model  # noqa: E402
+from tiny_families import axk2_model, dots3_note_text_model, hy_v4_model, mistral_large4_model  # noqa: E402
 from tiny_models import random_ids  # noqa: E402
 
-BUILDERS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model, "axk2": axk2_model}
+BUILDERS = {
+    "mistral_large4": mistral_large4_model,
+    "hy_v4": hy_v4_model,
+    "axk2": axk2_model,
+    "dots3_note_text": dots3_note_text_model,
+}
+# F and S layers; dense layers (axk2 has 4 layers, dots3_note_text's 2-4 are sliding-window) are S.
+PATTERNS = {"mistral_large4": "FSFSSF", "hy_v4": "FSFSSF", "axk2": "FSFS", "dots3_note_text": "FSSSSF"}
 # 8 indexer heads: with 2, a quarter of the keys score exactly 0 after the ReLU and top-k breaks those ties
 # arbitrarily (the kernel and the reference legitimately differ there).
 INDEXER = dict(index_n_heads=8, index_head_dim=32)
@@ -43,10 +50,11 @@ def _loss(model, arch, pattern: str, ids: torch.Tensor, backend: str) -> float:
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_kernel_path_reproduces_reference_loss(family):
-    """F and S layers; for mistral_large4 an F layer that is NoPE (layer 2) and KV-sharing layers."""
+    """For mistral_large4 an F layer that is NoPE (layer 2) and KV-sharing layers; for dots3_note_text the stock
+    attention of sliding-window layers between the DSA layers."""
     model = BUILDERS[family](seed=1, **INDEXER)
     arch = architecture_for(family)
-    pattern = "FSFSSF"[: len(arch.layers(model))]
+    pattern = PATTERNS[family]
     ids = random_ids(1, 32, seed=3)
     reference = _loss(model, arch, pattern, ids, "reference")
     assert _loss(model, arch, pattern, ids, "triton") == pytest.approx(reference, rel=LOSS_RTOL)

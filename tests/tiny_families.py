@@ -10,6 +10,8 @@ import torch
 from transformers import (
     AXK2Config,
     AXK2ForCausalLM,
+    Dots3NoteForCausalLM,
+    Dots3NoteTextConfig,
     HYV4Config,
     HYV4ForCausalLM,
     HYV4VLConfig,
@@ -155,5 +157,21 @@ def minimax_m3_vl_model(seed: int = 0) -> MiniMaxM3SparseForConditionalGeneratio
     )
     config._attn_implementation = "eager"
     model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def dots3_note_text_model(seed: int = 0, **overrides) -> Dots3NoteForCausalLM:
+    """6 layers: indexed (DSA) layers 0, 1 and 5, sliding-window layers 2-4 (window 16), each type with its own
+    rotary table."""
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in _TINY.items() if k != "rope_parameters"}  # the config's own per-type tables
+    kwargs.update(num_hidden_layers=6, index_topk=8, pad_token_id=None, sliding_window=16, head_dim=16)
+    swa = dict(num_attention_heads=2, num_key_value_heads=2, q_lora_rank=24, kv_lora_rank=16, head_dim=16)
+    kwargs.update({f"swa_{k}": v for k, v in swa.items()}, swa_qk_nope_head_dim=8, swa_v_head_dim=8)
+    kwargs.update(overrides)
+    config = Dots3NoteTextConfig(**kwargs)
+    config._attn_implementation = "eager"
+    model = Dots3NoteForCausalLM(config).eval()
     _perturb(model, seed)
     return model

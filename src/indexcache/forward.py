@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import KVSharingDict
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .models import DsaArchitecture
 
@@ -27,14 +27,24 @@ class LayerInputs:
     """What every decoder layer of one batch receives besides the hidden states.
 
     Attributes:
-        position_embeddings: (cos, sin), each [B, S, rope_dim].
+        position_embeddings: (cos, sin), each [B, S, rope_dim]; by layer type where layers differ.
         position_ids: [1, S].
-        attention_mask: the model's causal mask ([B, 1, S, S] on the eager/sdpa paths).
+        attention_mask: the model's causal mask ([B, 1, S, S] on the eager/sdpa paths); by layer type where
+            layers differ (dots3_note's sliding-window layers).
+        layer_types: each layer's key into the two dicts above, or None when every layer takes the same.
     """
 
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | dict[str, torch.Tensor] | None
+    layer_types: list[str] | None = None
+
+    def for_layer(self, layer_idx: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """(position_embeddings, attention_mask) for one layer."""
+        if self.layer_types is None:
+            return self.position_embeddings, self.attention_mask
+        layer_type = self.layer_types[layer_idx]
+        return self.position_embeddings[layer_type], self.attention_mask[layer_type]
 
 
 # State that layers pass to later layers besides the hidden states, or None: transformers' KVSharingDict, the
@@ -78,7 +88,17 @@ class LayerwiseModel:
         input_ids = input_ids.to(self.input_device)
         hidden = self.base.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(
+        if self.arch.inputs_by_layer_type:
+            inputs = self._inputs_by_layer_type(hidden, position_ids)
+        else:
+            mask = self._mask(create_causal_mask, hidden, position_ids)
+            inputs = LayerInputs(self.base.rotary_emb(hidden, position_ids=position_ids), position_ids, mask)
+        if self.streams:
+            hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1).contiguous()
+        return hidden, inputs
+
+    def _mask(self, mask_fn, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        return mask_fn(
             config=self.base.config,
             inputs_embeds=hidden,
             attention_mask=None,
@@ -86,10 +106,19 @@ class LayerwiseModel:
             position_ids=position_ids,
             allow_is_causal_skip=False,  # the indexer needs causality spelled out, as in the stock model
         )
-        inputs = LayerInputs(self.base.rotary_emb(hidden, position_ids=position_ids), position_ids, mask)
-        if self.streams:
-            hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1).contiguous()
-        return hidden, inputs
+
+    def _inputs_by_layer_type(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> LayerInputs:
+        """One mask and one rotary table per layer type, as the model's own forward builds them."""
+        layer_types = list(self.base.config.layer_types)
+        masks, rotary = {}, {}
+        for layer_type in set(layer_types):
+            sliding = layer_type == "sliding_attention"
+            masks[layer_type] = self._mask(
+                create_sliding_window_causal_mask if sliding else create_causal_mask, hidden, position_ids
+            )
+            x = hidden.float() if layer_type in self.arch.fp32_rotary_layer_types else hidden
+            rotary[layer_type] = self.base.rotary_emb(x, position_ids, layer_type)
+        return LayerInputs(rotary, position_ids, masks, layer_types)
 
     def run_layers(
         self, hidden: torch.Tensor, inputs: LayerInputs, start: int, stop: int, layer_state: LayerState = None
@@ -103,11 +132,12 @@ class LayerwiseModel:
             if layer_state is None and start > 0:
                 raise ValueError(f"layer {start} needs the {self.arch.shared_state} that earlier layers left")
             extra[self.arch.shared_state] = self.new_layer_state() if layer_state is None else layer_state
-        for layer in self.layers[start:stop]:
-            out = layer(
+        for layer_idx in range(start, stop):
+            position_embeddings, attention_mask = inputs.for_layer(layer_idx)
+            out = self.layers[layer_idx](
                 hidden,
-                attention_mask=inputs.attention_mask,
-                position_embeddings=inputs.position_embeddings,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
                 position_ids=inputs.position_ids,
                 cache=None,
                 use_cache=False,

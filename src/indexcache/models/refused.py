@@ -11,8 +11,8 @@ _REFUSALS = {
         "compressed KV blocks; indexcache needs an indexer on layer 0"
     ),
     ("dots3_note", "dots.3 note"): (
-        "its layers take a mask and a rotary table by layer type (sliding-window, indexed with an fp32 table); "
-        "indexcache's layer loop builds one of each for all layers"
+        "the vision-language checkpoint was not tried here (no tiny test model); text checkpoints "
+        "(dots3_note_text) are supported"
     ),
     ("qwen4_exp", "Qwen4-Exp"): (
         "its QSA indexer exists only on indexed_attention layers (layer 0 is linear attention) and returns a "

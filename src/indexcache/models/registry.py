@@ -40,6 +40,9 @@ class DsaArchitecture:
         shared_state: name of the layer argument through which layers share state (mistral_large4's
             `shared_kv_states`, a KVSharingDict filled by KV-source layers); a fresh one per forward, and the
             prefix cache keeps what it holds when each layer starts.
+        inputs_by_layer_type: layers take their mask and rotary table by `config.layer_types` (dots3_note:
+            "sliding_attention" layers a sliding-window mask), built once per type as the model's forward does.
+        fp32_rotary_layer_types: layer types whose rotary table the model computes from fp32 embeddings.
         logit_softcap: attribute of the loaded model with the final logit soft-capping value (tanh), if any.
         pattern_keys: the config keys `apply` writes: those the family's readers (transformers, serving engines)
             take a pattern from. `indexer_types` is always among them; `use_index_cache` (true) is vLLM's switch
@@ -69,6 +72,8 @@ class DsaArchitecture:
     hidden_streams: str | None = None
     streams_head: str | None = None
     shared_state: str | None = None
+    inputs_by_layer_type: bool = False
+    fp32_rotary_layer_types: tuple[str, ...] = ()
     logit_softcap: str | None = None
     pattern_keys: tuple[str, ...] = ("index_topk_pattern", "indexer_types")
     honours_pattern: bool = False
