@@ -37,7 +37,7 @@ def select_backend(
             indexer,
             arch.indexer_rope,
             call["hidden_states"],
-            call.get("q_resid"),
+            None if arch.indexer_query == "hidden" else call["q_resid"],
             call["position_embeddings"],
             indexer.index_topk,
             rope_at_end=arch.indexer_rope_at_end,

@@ -3,7 +3,7 @@
 Adding a DSA family means adding one small file beside this one that calls `register(...)`; nothing in the
 search, the layer loop, the prefix cache or the patch names a model family. An adapter is data: where the text
 model, its layers and the indexer live, what shape the hidden state has between layers, which state crosses
-layers, and which config keys the family's own transformers code reads. A family that cannot work says why in
+layers, and which config keys carry a pattern for the family's readers. A family that cannot work says why in
 `refusal`.
 """
 
