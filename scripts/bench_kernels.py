@@ -332,50 +332,53 @@ class Bench:
         return {k: v for k, v in launch.items() if k not in ("block_m", "block_n", "num_warps", "num_stages")}
 
     def sweep(self) -> dict:
-        """Indexer launch variants at S = 32K (tiny: 128) on the GLM-5 shape; the fastest is used afterwards."""
+        """Indexer launch variants on the GLM-5 shape: score tiles at S = 32K, then select variants at 16K and 32K
+        (tiny: 96 and 128), the one with the least summed time relative to v3 (the first) used afterwards."""
         from indexcache.kernels.indexer.kernel import lightning_indexer_topk_triton
 
-        seq = 128 if self.args.tiny else 32768
+        sizes = [96, 128] if self.args.tiny else [16384, 32768]
         out = {}
         shape = self.shapes["glm5"]
-        q, k, w = self.indexer_inputs(shape, seq)
         scale = shape["index_dim"] ** -0.5
+        inputs = {seq: self.indexer_inputs(shape, seq) for seq in sizes}
         score_variants = [
             dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
             dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
         ]
-        select_variants = [  # v3 (radix passes on the row) as measured before, then v4 (bracket from a sample)
-            dict(bracket=False, select_block=512, select_warps=4),
-            dict(bracket=True, select_block=512, select_warps=4),
-            dict(bracket=True, select_block=1024, select_warps=4),
-            dict(bracket=True, select_block=1024, select_warps=8),
-            dict(bracket=True, select_block=512, select_warps=4, bracket_sigmas=3.0),
-            dict(bracket=True, select_block=512, select_warps=4, bucket_cap=4096),
-            dict(bracket=True, select_block=2048, select_warps=8),
+        bracket = dict(bracket=True, bracket_sigmas=3.0, bucket_cap=4096)
+        select_variants = [  # v3 (radix passes on the row, its best launch in run 3), then v4 (bracket from a sample)
+            V3_SELECT,
+            dict(bracket=True, select_block=512, select_warps=4),  # v4 as first measured (sigmas 4, cap 2048)
+            dict(bracket, select_block=512, select_warps=4),
+            dict(bracket, select_block=512, select_warps=2),
+            dict(bracket, select_block=256, select_warps=2),
+            dict(bracket, select_block=512, select_warps=4, bracket_min_keys=self.topk),
         ]
         if self.args.tiny:
             score_variants = [dict(block_m=16, block_n=32, num_warps=1, num_stages=1)]
-            select_variants = [
-                dict(bracket=False, select_block=64, select_warps=1),
-                dict(select_block=64, select_warps=1),
-            ]
+            select_variants = [dict(select_block=64, select_warps=1, bracket=b) for b in (False, True)]
         best = None
         for variant in score_variants:
             rec = {"variant": variant}
             with self.guard(rec):
+                q, k, w = inputs[sizes[-1]]
                 rec.update(self.measure(partial(lightning_indexer_topk_triton, q, k, w, self.topk, scale, **variant)))
                 if best is None or rec["ms"] < best[1]:
                     best = (variant, rec["ms"])
             out.setdefault("indexer_tiles", []).append(rec)
         best_tiles = best[0] if best else {}
-        best = None
+        best, baseline = None, {}
         for variant in select_variants:
             rec = {"variant": variant}
             with self.guard(rec):
                 launch = {**best_tiles, **variant}
-                rec.update(self.measure(partial(lightning_indexer_topk_triton, q, k, w, self.topk, scale, **launch)))
-                if best is None or rec["ms"] < best[1]:
-                    best = (variant, rec["ms"])
+                for seq, (q, k, w) in inputs.items():
+                    t = self.measure(partial(lightning_indexer_topk_triton, q, k, w, self.topk, scale, **launch))
+                    rec[str(seq)] = t
+                    baseline.setdefault(seq, t["ms"])
+                rec["relative_to_v3"] = sum(rec[str(seq)]["ms"] / baseline[seq] for seq in sizes) / len(sizes)
+                if best is None or rec["relative_to_v3"] < best[1]:
+                    best = (variant, rec["relative_to_v3"])
             out.setdefault("indexer_select", []).append(rec)
         self.configs[("indexer", "launch")] = {**best_tiles, **(best[0] if best else {})}
         out["indexer_best"] = self.configs[("indexer", "launch")]

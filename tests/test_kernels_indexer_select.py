@@ -62,6 +62,7 @@ def causal(scores: torch.Tensor, q_offset: int) -> torch.Tensor:
         pytest.param(1, 3, 257, 16, {"sample_run": 8, "sample_stride": 128}, id="default-sample"),
         pytest.param(2, 1, 515, 32, {"select_block": 128, "select_warps": 2}, id="decode-S1-T515"),
         pytest.param(1, 4, 40, 64, {}, id="k-over-keys"),
+        pytest.param(1, 12, 44, 32, {"bracket_min_keys": 32}, id="bracket-from-k-keys"),
     ],
 )
 def test_select_random_scores(batch, seq_len, num_keys, topk, launch):

@@ -190,30 +190,57 @@ def _split_bucket(row, n, prefix, bucket_mask, out, scratch_key, scratch_idx, BL
 
 
 @triton.jit
+def _sample_histogram(row, n, prefix, bucket_mask, shift, SAMPLE_RUN: tl.constexpr, SAMPLE_STRIDE: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    """int32 [256]: histogram of digit `shift` of the row's sample keys with (key & bucket_mask) == prefix."""
+    offs = tl.arange(0, BLOCK)
+    hist = tl.zeros([256], dtype=tl.int32)
+    for j in range(0, tl.cdiv(n, SAMPLE_STRIDE) * SAMPLE_RUN, BLOCK):
+        key, _ = _row_keys(row, row, j + offs, n, _SAMPLE, SAMPLE_RUN, SAMPLE_STRIDE)
+        match = (key != 0) & ((key & bucket_mask) == prefix)
+        hist += tl.histogram(((key >> shift.to(tl.uint32)) & 255).to(tl.int32), 256, mask=match)
+    return hist
+
+
+@triton.jit
+def _digit_of_rank(hist, rank):
+    """(digit, rank within it) of the rank-th largest key (rank >= 1) counted by a 256-bin histogram; digit -1 when
+    the histogram holds fewer keys."""
+    bins = tl.arange(0, 256)
+    at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # keys with digit >= d
+    digit = tl.sum((at_or_above >= rank).to(tl.int32)) - 1
+    return digit, rank - tl.sum(tl.where(bins == digit, at_or_above - hist, 0))
+
+
+@triton.jit
 def _bracket(row, n, TOPK: tl.constexpr, SIGMAS: tl.constexpr, SAMPLE_RUN: tl.constexpr, SAMPLE_STRIDE: tl.constexpr,
              BLOCK: tl.constexpr):  # fmt: skip
     """Order keys (lo, hi) that likely bracket the k-th key of the row, from its sample: about k · m / n of the m
     sample keys lie above the k-th key, with a binomial spread sigma; lo is the bottom of the 16-bit bucket of the
-    sample's (k m/n + SIGMAS sigma)-th key, hi the top of that of its (k m/n - SIGMAS sigma)-th key. Nothing is
-    assumed: the caller checks the counts."""
+    sample's (k m/n + SIGMAS sigma)-th key, hi the top of that of its (k m/n - SIGMAS sigma)-th key. Both ranks
+    share the first histogram, and the second too when their first digits agree. Nothing is assumed: the caller
+    checks the counts."""
     m = (n // SAMPLE_STRIDE) * SAMPLE_RUN + tl.minimum(n % SAMPLE_STRIDE, SAMPLE_RUN)  # sample keys in reach
     expect = TOPK * m.to(tl.float32) / n.to(tl.float32)
     spread = SIGMAS * (tl.sqrt(expect * (1.0 - TOPK / n.to(tl.float32))) + 1.0)
     rank_hi = tl.floor(expect - spread).to(tl.int32)
     rank_lo = tl.ceil(expect + spread).to(tl.int32)
     zero = tl.cast(0, tl.uint32)
-    first_digit = tl.cast(24, tl.int32)
-    lo = tl.cast(1, tl.uint32)  # every key
-    hi = tl.cast(0xFFFFFFFF, tl.uint32)  # no key above
-    if rank_hi >= 1:
-        prefix, bucket_mask, _, _, _, _ = _radix_passes(
-            row, row, n, zero, zero, rank_hi, first_digit, 16, _SAMPLE, BLOCK, SAMPLE_RUN, SAMPLE_STRIDE)  # fmt: skip
-        hi = prefix | ~bucket_mask
-    if rank_lo <= m:
-        prefix, bucket_mask, _, _, _, _ = _radix_passes(
-            row, row, n, zero, zero, rank_lo, first_digit, 16, _SAMPLE, BLOCK, SAMPLE_RUN, SAMPLE_STRIDE)  # fmt: skip
-        lo = tl.maximum(prefix, 1)
-    return lo, hi
+    top_digit = tl.cast(0xFF000000, tl.uint32)
+    hist = _sample_histogram(row, n, zero, zero, tl.cast(24, tl.int32), SAMPLE_RUN, SAMPLE_STRIDE, BLOCK)
+    digit_hi, rest_hi = _digit_of_rank(hist, tl.maximum(rank_hi, 1))
+    digit_lo, rest_lo = _digit_of_rank(hist, rank_lo)
+    prefix_hi = digit_hi.to(tl.uint32) << 24
+    prefix_lo = digit_lo.to(tl.uint32) << 24
+    hist = _sample_histogram(row, n, prefix_hi, top_digit, tl.cast(16, tl.int32), SAMPLE_RUN, SAMPLE_STRIDE, BLOCK)
+    second_hi, _ = _digit_of_rank(hist, rest_hi)
+    if (digit_lo != digit_hi) & (digit_lo >= 0):
+        hist = _sample_histogram(row, n, prefix_lo, top_digit, tl.cast(16, tl.int32), SAMPLE_RUN, SAMPLE_STRIDE,
+                                 BLOCK)  # fmt: skip
+    second_lo, _ = _digit_of_rank(hist, rest_lo)
+    hi = tl.where(rank_hi >= 1, prefix_hi | (second_hi.to(tl.uint32) << 16) | 0xFFFF, 0xFFFFFFFF)  # else: none above
+    lo = tl.where(digit_lo >= 0, prefix_lo | (second_lo.to(tl.uint32) << 16), 1)  # else: every key
+    return tl.maximum(lo, 1).to(tl.uint32), hi.to(tl.uint32)
 
 
 @triton.jit
@@ -260,10 +287,11 @@ def _radix_topk_kernel(
     stride_ob, stride_os,
     TOPK: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
     BRACKET: tl.constexpr, SIGMAS: tl.constexpr, SAMPLE_RUN: tl.constexpr, SAMPLE_STRIDE: tl.constexpr,
+    MIN_KEYS: tl.constexpr,
 ):  # fmt: skip
     """Exact top-TOPK of one score row.
 
-    Rows of more than 2 · TOPK keys (with BRACKET): bracket the k-th key from the sample, split the row once
+    Rows of more than MIN_KEYS keys (with BRACKET): bracket the k-th key from the sample, split the row once
     (picks above the bracket, the bracket's keys to scratch) and radix-select the rest of the top k in scratch.
     Otherwise, or when the bracket misses: two radix passes over the row resolve 16 bits (sign, exponent, 7
     mantissa bits) and leave a bucket of near-equal keys around the k-th. If it holds at most CAP keys, one more
@@ -288,7 +316,7 @@ def _radix_topk_kernel(
     else:
         resolved = tl.cast(0, tl.int32)
         if BRACKET:  # noqa: SIM102 - a compile-time switch: False compiles no bracket code
-            if n > 2 * TOPK:
+            if n > MIN_KEYS:
                 lo, hi = _bracket(row, n, TOPK, SIGMAS, SAMPLE_RUN, SAMPLE_STRIDE, BLOCK)
                 n_above, n_inside = _bracket_split(row, n, lo, hi, out, scratch_key, scratch_idx, TOPK, CAP, BLOCK)
                 if (n_above < TOPK) & (n_above + n_inside >= TOPK) & (n_inside <= CAP):
@@ -338,14 +366,15 @@ def lightning_indexer_topk_triton(
     bracket_sigmas: float = 4.0,
     sample_run: int = 8,
     sample_stride: int = 128,
+    bracket_min_keys: int | None = None,
     buffer_bytes: int = 1 << 30,
 ) -> torch.Tensor:
     """int32 [B, S, topk]; same contract as `lightning_indexer_topk_reference`.
 
     The score buffer holds `buffer_bytes // (4 T B)` query rows (at least one block), so memory stays
     O(S · topk + buffer) for any S. Defaults: the fastest variants measured on an H100 (NOTES.md). `bracket`
-    False selects every row by the radix passes alone (v3); the sample is the first `sample_run` keys of every
-    `sample_stride`.
+    False selects every row by the radix passes alone (v3); with it, rows of more than `bracket_min_keys` keys
+    (default 2 · topk) are bracketed from a sample, the first `sample_run` keys of every `sample_stride`.
     """
     batch, seq_len, n_heads, head_dim = q.shape
     num_keys = k.shape[1]
@@ -387,7 +416,8 @@ def lightning_indexer_topk_triton(
             seq_len, num_keys, row_stride, start, q_offset, chunk,
             out.stride(0), out.stride(1),
             TOPK=topk, BLOCK=select_block, CAP=bucket_cap, BRACKET=bracket, SIGMAS=bracket_sigmas,
-            SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, num_warps=select_warps,
+            SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, MIN_KEYS=max(topk, bracket_min_keys or 2 * topk),
+            num_warps=select_warps,
         )  # fmt: skip
     return out
 
@@ -404,6 +434,7 @@ def topk_of_scores_triton(
     bracket_sigmas: float = 4.0,
     sample_run: int = 8,
     sample_stride: int = 128,
+    bracket_min_keys: int | None = None,
 ) -> torch.Tensor:
     """The selection kernel alone, on given scores: int32 [B, S, topk], as `lightning_indexer_topk_triton` selects
     from the scores its score kernel writes (for tests on chosen scores, and for timing the select).
@@ -423,6 +454,7 @@ def topk_of_scores_triton(
         seq_len, num_keys, num_keys, 0, q_offset, seq_len,
         out.stride(0), out.stride(1),
         TOPK=topk, BLOCK=select_block, CAP=bucket_cap, BRACKET=bracket, SIGMAS=bracket_sigmas,
-        SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, num_warps=select_warps,
+        SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, MIN_KEYS=max(topk, bracket_min_keys or 2 * topk),
+        num_warps=select_warps,
     )  # fmt: skip
     return out
