@@ -298,7 +298,7 @@ def _radix_topk_kernel(
     pass writes the keys above it and copies it to scratch, where the low 16 bits are resolved: three reads of the
     row in all. A larger bucket (many near-ties) is resolved on the row itself: up to five reads.
     """
-    r = tl.program_id(0)
+    r = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: no long row starts in the last wave
     b = tl.program_id(1).to(tl.int64)
     t = chunk_start + r
     n = tl.minimum(t + q_offset + 1, T)  # keys in causal reach; padding among them is order key 0
