@@ -78,7 +78,7 @@ TINY_SHAPES = {
         index_heads=8, index_dim=32, heads=8, nope=16, rope=16, v=8, latent=32, hidden=64, q_lora=32, rope_style="half"
     ),
 }
-V3_SELECT = dict(bracket=False, select_block=512, select_warps=4)  # the previous select and its best launch (run 3)
+V3_SELECT = dict(bracket=False, select_block=512, select_warps=4, bucket_cap=2048)  # v3 and its best launch (run 3)
 SECTIONS = ("ceilings", "correctness", "sweep", "sweep_attention", "indexer", "attention", "decode", "model")
 
 
@@ -345,14 +345,11 @@ class Bench:
             dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
             dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
         ]
-        bracket = dict(bracket=True, bracket_sigmas=3.0, bucket_cap=4096)
-        select_variants = [  # v3 (radix passes on the row, its best launch in run 3), then v4 (bracket from a sample)
+        select_variants = [  # v3 (radix passes on the row, its best launch in run 3), then v4 (the defaults) variants
             V3_SELECT,
-            dict(bracket=True, select_block=512, select_warps=4),  # v4 as first measured (sigmas 4, cap 2048)
-            dict(bracket, select_block=512, select_warps=4),
-            dict(bracket, select_block=512, select_warps=2),
-            dict(bracket, select_block=256, select_warps=2),
-            dict(bracket, select_block=512, select_warps=4, bracket_min_keys=self.topk),
+            dict(select_block=512, select_warps=4),
+            dict(select_block=1024, select_warps=4),
+            dict(select_block=256, select_warps=2),
         ]
         if self.args.tiny:
             score_variants = [dict(block_m=16, block_n=32, num_warps=1, num_stages=1)]
