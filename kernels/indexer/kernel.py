@@ -251,12 +251,8 @@ def _bracket_split(row, n, lo, hi, out, scratch_key, scratch_idx, TOPK: tl.const
     offs = tl.arange(0, BLOCK)
     n_above = tl.cast(0, tl.int32)
     n_inside = tl.cast(0, tl.int32)
-    next_key, next_idx = _row_keys(row, row, offs, n, _SCORES)
     for j in range(0, n, BLOCK):
-        key, idx = next_key, next_idx
-        # The next block's load is issued before this block's scan and stores, so that its latency overlaps them:
-        # without it the pass waits for memory once per block (~1 TB/s over all SMs, as v3's passes).
-        next_key, next_idx = _row_keys(row, row, j + BLOCK + offs, n, _SCORES)
+        key, idx = _row_keys(row, row, j + offs, n, _SCORES)
         above = key > hi
         inside = (key != 0) & (key >= lo) & (key <= hi)
         packed = above.to(tl.int32) * 65536 + inside.to(tl.int32)  # one scan counts both (BLOCK < 65536)
