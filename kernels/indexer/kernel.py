@@ -8,10 +8,10 @@ Two kernels per query chunk (NOTES.md has the measurements behind the choices):
    stock code never exist. It writes fp32 scores into a [B, chunk, T] buffer (at most `buffer_bytes`), a key that
    is visible but padding as the NaN bit pattern 0xFFFFFFFF, which the selection reads as "no key".
 2. `_radix_topk_kernel` — one program per query row: an exact select over the fp32 scores mapped to
-   order-preserving 32-bit keys. A row of more than 2k keys first brackets the k-th key from a 1/16 sample
-   (radix descents on the sample only), then reads the row once: keys above the bracket are picks, keys inside
-   it go to a scratch row, whose exact top (k - picks) a radix select (8 bits per pass) finds. A row the bracket
-   misses, and a row of at most 2k keys, take the radix select on the row itself: two 8-bit histogram passes
+   order-preserving 32-bit keys. A row of more than `bracket_min_keys` (default 2k) keys first brackets the k-th
+   key from a 1/16 sample (radix histograms of the sample only), then reads the row once: keys above the bracket
+   are picks, keys inside it go to a scratch row, whose exact top (k - picks) a radix select (8 bits per pass)
+   finds. A row the bracket misses, and a shorter row, take the radix select on the row itself: two 8-bit passes
    leave a bucket of near-equal keys, which one more pass copies to the scratch row. Rows that see at most
    k keys take them all and pad with -1. Ties at the k-th key: the first ones in row order.
 """
