@@ -15,3 +15,6 @@ KERNELS = "auto"
 DTYPE = "auto"
 DEVICE = "auto"
 OUTPUT = "pattern.json"
+# `--kernels auto` on CUDA: windows shorter than this run stock transformers with sdpa, longer ones the Triton
+# kernels with absorbed MLA attention. PROVISIONAL until measured on the GPU.
+TRITON_MIN_SEQ_LEN = 4096
