@@ -18,3 +18,6 @@ OUTPUT = "pattern.json"
 # `--kernels auto` on CUDA: windows shorter than this run stock transformers with sdpa, longer ones the Triton
 # kernels with absorbed MLA attention. PROVISIONAL until measured on the GPU.
 TRITON_MIN_SEQ_LEN = 4096
+BENCH_CONTEXTS = "32768,131072"
+BENCH_LAYERS = 4
+BENCH_REPS = 3
