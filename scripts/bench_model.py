@@ -246,14 +246,14 @@ class Bench:
             with ctx as (state, _):
                 sparse_module.sparse_mla_attention = counted
                 try:
-                    rec = time_forward(stack, state, seq, self.device, pattern, self.args.reps)
+                    rec = time_forward(stack, state, seq, self.device, pattern, self.args.reps, kernel_calls.clear)
                 finally:
                     sparse_module.sparse_mla_attention = real
         k = len(pattern)
         rec["ms_per_layer"] = rec["ms"] / k
         if kernel_calls:
             torch.cuda.synchronize()
-            forwards = self.args.reps + 1
+            forwards = self.args.reps
             ms = sum(a.elapsed_time(b) for a, b, _, _ in kernel_calls) / forwards
             flops = sum(n.item() * f for _, _, n, f in kernel_calls) / forwards
             rec["sparse_kernel_ms"] = ms

@@ -118,8 +118,17 @@ class _Split:
             h.remove()
 
 
-def time_forward(stack: LayerStack, state, seq_len: int, device: torch.device, pattern: str, reps: int) -> dict:
-    """Median of `reps` timed forwards of the K layers (after one warm-up) under `pattern`: ms, split, peak GiB."""
+def time_forward(
+    stack: LayerStack,
+    state,
+    seq_len: int,
+    device: torch.device,
+    pattern: str,
+    reps: int,
+    after_warmup: Callable[[], None] | None = None,
+) -> dict:
+    """Median of `reps` timed forwards of the K layers (after one warm-up, which compiles the kernels; then
+    `after_warmup` is called) under `pattern`: ms, split, peak GiB."""
     lw = LayerwiseModel(stack.model, stack.arch)
     cuda = device.type == "cuda"
     ids = torch.randint(0, _VOCAB, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -134,6 +143,8 @@ def time_forward(stack: LayerStack, state, seq_len: int, device: torch.device, p
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     run()
+    if after_warmup is not None:
+        after_warmup()
     times, splits = [], []
     for _ in range(reps):
         split = _Split(stack, cuda)
