@@ -197,3 +197,18 @@ def test_reference_backend_installs_no_absorbed_forward():
     with kernels_installed(model, arch, torch.device("cpu"), "auto", 40, "FSSS") as (state, name):
         assert name == "reference" and state.pattern == "FSSS"
         assert not any("forward" in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+def test_stock_glm_shared_layers_take_the_previous_layers_indices():
+    """Without the F/S patch, stock glm_moe_dsa "shared" layers have no indexer: the absorbed forward takes the
+    indices the model passes down (`prev_topk_indices`) and reproduces the stock model with its pattern."""
+    model = _model("glm_moe_dsa")
+    config = model.config.to_dict() | {"index_topk_pattern": "FSFS"}
+    config.pop("indexer_types", None)
+    stock = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**config)).eval()
+    stock.config._attn_implementation = "eager"
+    stock.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        expected = stock(IDS, labels=IDS).loss.item()
+        with forced("reference"), absorbed_attention(stock, architecture_for("glm_moe_dsa")):
+            assert stock(IDS, labels=IDS, use_cache=False).loss.item() == pytest.approx(expected, rel=LOSS_RTOL)

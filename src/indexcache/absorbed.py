@@ -29,8 +29,8 @@ from torch import nn
 from .errors import IndexCacheError
 from .models import DsaArchitecture
 
-# Queries per sparse-attention call: bounds the latent query/output tensors ([chunk, H, 512] each) to ~1 GiB in
-# bf16 at 64 heads, whatever the window length. Chunks cost nothing measurable (each still fills the GPU).
+# Queries per sparse-attention call: bounds the latent query/output tensors ([chunk, H, 512] each) to 1 GiB in
+# bf16, whatever the window length. A chunk is still ≥ 8K queries at 128 heads (≥ 16K kernel programs).
 _QUERY_CHUNK_ELEMENTS = 2**29
 
 
