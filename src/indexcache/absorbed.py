@@ -133,6 +133,10 @@ def absorbed_forward(
         indices = prev_topk_indices
     else:
         raise IndexCacheError(f"layer {attn.layer_idx} shares top-k indices but no earlier layer passed any")
+    # A stock indexer fills rows with fewer than k visible keys with future ones, which its masked attention then
+    # hides; the sparse kernel attends to every index it gets, so drop them: query i sees keys j ≤ i (prefill).
+    query_pos = torch.arange(seq_len, device=indices.device)[None, :, None]
+    indices = torch.where(indices <= query_pos, indices, -1)
 
     out = hidden_states.new_empty(batch, seq_len, n_heads * v_dim)
     chunk = max(1, _QUERY_CHUNK_ELEMENTS // (batch * n_heads * latent_dim))
