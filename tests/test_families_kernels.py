@@ -61,9 +61,13 @@ def test_kernel_path_reproduces_reference_loss(family):
 
 
 def test_hy_v4_keeps_its_own_attention_on_the_kernel_path():
-    """Our sparse-attention kernel has no attention sinks: hy_v4 gets the indexer kernel only."""
-    assert select_backend(architecture_for("hy_v4"), torch.device("cuda"), "triton")[2] is None
-    assert select_backend(architecture_for("mistral_large4"), torch.device("cuda"), "triton")[2] is not None
+    """Our sparse-attention kernel has no attention sinks: hy_v4 gets the indexer kernel only, and short windows
+    keep its own (eager) attention, not sdpa, which it does not support."""
+    cuda = torch.device("cuda")
+    assert select_backend(architecture_for("hy_v4"), cuda, "triton")[2] is None
+    assert select_backend(architecture_for("hy_v4"), cuda, "auto", 128)[::2] == ("reference", None)
+    assert select_backend(architecture_for("mistral_large4"), cuda, "triton")[2] is not None
+    assert select_backend(architecture_for("mistral_large4"), cuda, "auto", 128)[::2] == ("sdpa", "sdpa")
 
 
 def test_block_level_indexer_takes_the_reference_path():
