@@ -1,10 +1,10 @@
-"""Quality table: held-out loss of all-F, greedy, uniform and random patterns at several retention ratios,
-and the top-k overlap between adjacent layers (the statistic behind IndexCache).
+"""Quality table: held-out loss of all-F, greedy, overlap (one-forward DP), uniform and random patterns at several
+retention ratios, and the top-k overlap between adjacent layers (the statistic behind IndexCache).
 
     python scripts/quality_table.py            # the shipped tiny model and calibration sample, on CPU
 
-The greedy pattern is searched on the calibration windows; every pattern is then scored on held-out windows
-that follow them in the same seeded order (disjoint). Writes scripts/results/quality_table.{json,md}.
+The greedy and overlap patterns are searched on the calibration windows; every pattern is then scored on held-out
+windows that follow them in the same seeded order (disjoint). Writes scripts/results/quality_table.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from indexcache import api
 from indexcache.calib import DataSpec, make_windows
 from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
+from indexcache.overlap import retained_overlap
 from indexcache.patch import index_sharing, reference_indexer
 from indexcache.patterns.file import library_versions
 from indexcache.patterns.layout import num_full_for_ratio, random_pattern, uniform
@@ -52,6 +53,47 @@ def adjacent_overlap(lw: LayerwiseModel, arch, windows: torch.Tensor, topk: int)
         hits = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean()
         overlaps.append(round(hits.item(), 4))
     return overlaps
+
+
+def overlap_searches(model, calib: DataSpec, ratios: list[float], folder: Path) -> dict[float, dict]:
+    """`search --strategy overlap` at each ratio on the calibration windows: pattern file contents by ratio."""
+    found = {}
+    for ratio in ratios:
+        found[ratio] = api.search(
+            model, ratio, None, calib, folder / f"overlap-{ratio}.json", "overlap", device="cpu", log=lambda m: None
+        )
+        print(
+            f"ratio {ratio}: overlap {found[ratio]['index_topk_pattern']} ({found[ratio]['search']['seconds']:.0f} s)",
+            flush=True,
+        )
+    return found
+
+
+def overlap_row(scorer: PatternScorer, ratio: float, found: dict) -> dict:
+    """Held-out loss of the overlap pattern, with the calibration retained overlap and search cost."""
+    pattern = found["index_topk_pattern"]
+    return {
+        "ratio": ratio,
+        "kind": "overlap",
+        "pattern": pattern,
+        "loss": scorer.loss(pattern),
+        "retained_overlap": found["search"]["overlap"]["retained_overlap"],
+        "layer_forwards": found["search"]["layer_forwards"],
+    }
+
+
+def retained_overlap_lines(rows: list[dict], found: dict[float, dict], indexer_layers: list[int]) -> list[str]:
+    """Markdown: how much of the calibration top-k overlap each pattern kind keeps (what `overlap` maximises)."""
+    lines = ["", "Top-k overlap kept (mean over layers, calibration windows' all-F overlap matrix; F layers count 1):"]
+    for ratio, result in found.items():
+        matrix = result["search"]["overlap"]["matrix"]
+        kept = [
+            f"{r['kind']} {retained_overlap(r['pattern'], matrix, indexer_layers):.3f}"
+            for r in rows
+            if r["ratio"] == ratio and "pattern" in r
+        ]
+        lines.append(f"- 1/{round(1 / ratio)}: " + ", ".join(kept))
+    return lines
 
 
 def main() -> None:
@@ -85,6 +127,7 @@ def main() -> None:
             )
             greedy[ratio] = result["index_topk_pattern"]
             print(f"ratio {ratio}: greedy {greedy[ratio]} ({result['search']['seconds']:.0f} s)", flush=True)
+        by_overlap = overlap_searches(args.model, calib, list(greedy), Path(tmp))
     with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
         scorer = PatternScorer(lw, sharing, held_out.input_ids)
         all_full = scorer.loss("F" * n)
@@ -92,6 +135,7 @@ def main() -> None:
         for ratio, pattern in greedy.items():
             k = num_full_for_ratio(ratio, n)
             rows.append({"ratio": ratio, "kind": "greedy", "pattern": pattern, "loss": scorer.loss(pattern)})
+            rows.append(overlap_row(scorer, ratio, by_overlap[ratio]))
             uni = uniform(n, k)
             rows.append({"ratio": ratio, "kind": "uniform", "pattern": uni, "loss": scorer.loss(uni)})
             rng = random.Random(ratio)
@@ -143,6 +187,7 @@ def main() -> None:
         "Top-k overlap between adjacent layers (all-F, queries with more than k earlier tokens): "
         + ", ".join(f"{o:.0%}" for o in overlap),
     ]
+    lines += retained_overlap_lines(rows, by_overlap, loaded.indexer_layers)
     (RESULTS / "quality_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
