@@ -2,6 +2,7 @@
 retention ratios, and the top-k overlap between adjacent layers (the statistic behind IndexCache).
 
     python scripts/quality_table.py            # the shipped tiny model and calibration sample, on CPU
+    python scripts/quality_table.py ... --only-overlap   # add only the overlap rows to the committed table
 
 The greedy and overlap patterns are searched on the calibration windows; every pattern is then scored on held-out
 windows that follow them in the same seeded order (disjoint). Writes scripts/results/quality_table.{json,md}.

@@ -123,6 +123,10 @@ def test_overlap_strategy_picks_the_dp_pattern_and_measures_it(glm_checkpoint, t
         scorer = PatternScorer(LayerwiseModel(loaded.model, loaded.arch), sharing, windows.input_ids)
         assert result["loss_final"] == pytest.approx(scorer.loss(pattern), rel=1e-12)
         assert result["loss_all_full"] == pytest.approx(scorer.loss("F" * 6), rel=1e-12)
+    # Its picture: what each layer keeps of its own top-k, read from the file's matrix.
+    kept = [p.get_height() for p in pattern_figure(result).axes[1].patches]
+    full = [i for i, c in enumerate(pattern) if c == "F"]
+    assert kept == [1.0 if i in full else analysis.overlap[max(f for f in full if f < i)][i] for i in range(6)]
 
 
 def test_search_eval_and_analyze_draw_from_the_command_line(glm_checkpoint, text_file, tmp_path):

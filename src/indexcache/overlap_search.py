@@ -7,6 +7,7 @@ compares with greedy ones. Writes the same pattern-file schema as the greedy sea
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def search_by_overlap(
     with torch.inference_mode(), index_sharing(loaded.model, loaded.arch, None, indexer_fn, attn) as sharing:
         scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)
         loss_final = scorer.loss(pattern)
+    if not math.isfinite(loss_final):
+        raise IndexCacheError(f"the chosen pattern {pattern} gives a non-finite calibration loss ({loss_final})")
     seconds = time.perf_counter() - started
 
     result = {
