@@ -319,6 +319,11 @@ def apply(
     out.print(f"wrote {path} (config.json carries index_topk_pattern; weights {'copied' if copy else 'linked'})")
 
 
+from .bench_command import bench as _bench  # noqa: E402  (the command's body lives in its own module)
+
+app.command("bench")(friendly_errors(_bench))
+
+
 def main() -> None:
     app(prog_name="indexcache")
 
