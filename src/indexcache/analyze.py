@@ -24,14 +24,14 @@ import torch
 
 from . import defaults
 from .atomic import write_json
-from .backends import select_backend
+from .backends import kernels_installed
 from .calib import DataSpec, Windows, make_windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .kernels.indexer import index_scores_reference
 from .kernels.wiring import indexer_projections
 from .models import LoadedModel, load_model
-from .patch import IndexerFn, index_sharing
+from .patch import IndexerFn
 from .patterns import file as pattern_file
 
 ANALYSIS_JSON = "analysis.json"
@@ -68,13 +68,13 @@ def entropy_sums(
 
 
 class SelectionRecorder:
-    """An `IndexerFn` that runs `compute` (the backend's indexer) and records what each F layer selects.
+    """An `IndexerFn` that runs the backend's indexer (given by `around`) and records what each F layer selects.
 
     Call `end_batch()` after every forward: it drops the batch's selections (the sums stay).
     """
 
-    def __init__(self, compute: IndexerFn, rope: str, num_layers: int, topk: int):
-        self.compute = compute
+    def __init__(self, rope: str, num_layers: int, topk: int):
+        self.compute: IndexerFn | None = None
         self.rope = rope
         self.topk = topk
         self.shared_keys = torch.zeros(num_layers, num_layers, dtype=torch.float64)  # Σ |A_i ∩ A_j| over positions
@@ -98,6 +98,11 @@ class SelectionRecorder:
         self.entropy[layer] += nats
         self.entropy_normalised[layer] += normalised
         return indices
+
+    def around(self, compute: IndexerFn) -> SelectionRecorder:
+        """Record around `compute` (the `wrap_indexer` hook of `kernels_installed`)."""
+        self.compute = compute
+        return self
 
     def end_batch(self) -> None:
         if self._batch:
@@ -142,10 +147,11 @@ def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kern
     if batch_size < 1:
         raise IndexCacheError(f"--batch-size {batch_size} must be at least 1")
     lw = LayerwiseModel(loaded.model, loaded.arch)
-    backend, indexer_fn, attn = select_backend(loaded.arch, lw.input_device, kernels)
-    recorder = SelectionRecorder(indexer_fn, loaded.arch.indexer_rope, n, topk)
+    recorder = SelectionRecorder(loaded.arch.indexer_rope, n, topk)
     nll, layer_forwards = 0.0, 0
-    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch, None, recorder, attn):
+    device = lw.input_device
+    install = kernels_installed(loaded.model, loaded.arch, device, kernels, seq_len, wrap_indexer=recorder.around)
+    with torch.inference_mode(), install as (_, backend):
         for ids in windows.input_ids.split(batch_size):
             hidden, inputs = lw.embed(ids)
             hidden = lw.run_layers(hidden, inputs, 0, n)

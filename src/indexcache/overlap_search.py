@@ -15,13 +15,12 @@ import torch
 
 from .analyze import analyze_windows, matrix_sha256, model_record
 from .atomic import write_json
-from .backends import select_backend
+from .backends import kernels_installed
 from .calib import DataSpec, Windows, make_windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .models import load_model
 from .overlap import best_full_layers, retained_overlap
-from .patch import index_sharing
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, num_full_for_ratio
 from .scoring import PatternScorer
@@ -68,8 +67,8 @@ def search_by_overlap(
     full = best_full_layers(analysis.overlap, min(target, len(loaded.indexer_layers)), loaded.indexer_layers, forced)
     pattern = from_full_layers(full, n)
     lw = LayerwiseModel(loaded.model, loaded.arch)
-    _, indexer_fn, attn = select_backend(loaded.arch, lw.input_device, kernels)
-    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch, None, indexer_fn, attn) as sharing:
+    install = kernels_installed(loaded.model, loaded.arch, lw.input_device, kernels, windows.input_ids.shape[1])
+    with torch.inference_mode(), install as (sharing, _):
         scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)
         loss_final = scorer.loss(pattern)
     if not math.isfinite(loss_final):
