@@ -14,6 +14,7 @@ from indexcache import api
 from indexcache.analyze import analyze, analyze_windows, matrix_sha256
 from indexcache.calib import windows_from_tensor
 from indexcache.cli import app
+from indexcache.errors import IndexCacheError
 from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
 from indexcache.overlap import best_pattern
@@ -123,6 +124,8 @@ def test_overlap_strategy_picks_the_dp_pattern_and_measures_it(glm_checkpoint, t
         scorer = PatternScorer(LayerwiseModel(loaded.model, loaded.arch), sharing, windows.input_ids)
         assert result["loss_final"] == pytest.approx(scorer.loss(pattern), rel=1e-12)
         assert result["loss_all_full"] == pytest.approx(scorer.loss("F" * 6), rel=1e-12)
+    with pytest.raises(IndexCacheError, match="--resume continues a greedy search"):
+        api.search(str(glm_checkpoint), None, 3, windows, tmp_path / "p.json", strategy="overlap", resume=True)
     # Its picture: what each layer keeps of its own top-k, read from the file's matrix.
     kept = [p.get_height() for p in pattern_figure(result).axes[1].patches]
     full = [i for i, c in enumerate(pattern) if c == "F"]
