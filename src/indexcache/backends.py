@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -59,10 +59,16 @@ def kernels_installed(
     choice: str = "auto",
     seq_len: int | None = None,
     pattern: str | None = None,
+    wrap_indexer: Callable[[IndexerFn], IndexerFn] | None = None,
 ) -> Iterator[tuple[SharingState, str]]:
     """The F/S patch with the chosen kernels on `model`; on "triton" every attention layer of a family that
-    `absorbed` knows runs the absorbed latent kernel. Yields (sharing state, backend name); restores all on exit."""
+    `absorbed` knows runs the absorbed latent kernel. Yields (sharing state, backend name); restores all on exit.
+
+    `wrap_indexer` (e.g. `analyze`'s recorder) receives the chosen indexer function and returns the one F layers call.
+    """
     name, indexer_fn, attn = select_backend(arch, device, choice, seq_len)
+    if wrap_indexer is not None:
+        indexer_fn = wrap_indexer(indexer_fn)
     with (
         index_sharing(model, arch, pattern, indexer_fn, attn) as state,
         absorbed_attention(model, arch, enabled=name == "triton"),
