@@ -26,28 +26,28 @@ _ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos
 
 
 @torch.no_grad()
-def indexer_topk(
+def indexer_projections(
     indexer: nn.Module,
     rope: str,
     hidden_states: torch.Tensor,
     q_resid: torch.Tensor | None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    topk: int,
     *,
     rope_at_end: bool = False,
     scale_in_weights: bool = False,
     position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The stock indexer's selection through the kernel: int32 [B, S, topk], -1 past the visible keys.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The stock indexer's q [B, S, H, D], k [B, S, D], fp32 head weights [B, S, H] and the score scale, before any
+    scoring: the indexer scores Σ_h weights · ReLU(scale · q · k).
 
-    indexer: a `GlmMoeDsaIndexer` / `DeepseekV32Indexer` / `HYV4Indexer` / `MistralLarge4TextIndexer` (its wq_b, wk,
-    k_norm, weights_proj, softmax_scale, n_heads, head_dim, qk_rope_head_dim); rope: "interleave" or "half", applied
-    to the first qk_rope_head_dim dims of q and k (the last ones with `rope_at_end`, hy_v4), or to none where the
-    indexer says `use_rope = 0` (mistral_large4's NoPE layers). hidden_states: [B, S, hidden], q_resid:
+    indexer: a `GlmMoeDsaIndexer` / `DeepseekV32Indexer` / `HYV4Indexer` / `MistralLarge4TextIndexer` / ... (its wq_b,
+    wk, k_norm, weights_proj, softmax_scale, n_heads, head_dim, qk_rope_head_dim); rope: "interleave" or "half",
+    applied to the first qk_rope_head_dim dims of q and k (the last ones with `rope_at_end`, hy_v4), or to none where
+    the indexer says `use_rope = 0` (mistral_large4's NoPE layers). hidden_states: [B, S, hidden], q_resid:
     [B, S, q_lora] — or None for an indexer without q-LoRA, whose query is wq_b(q_input_norm(hidden)) scaled per
     position by its `softmax_scaling` (needs position_ids [1, S]). k_norm runs in its own weights' dtype (hy_v4 keeps
-    it fp32); `scale_in_weights` folds softmax_scale into the head weights as hy_v4 does. Causal, no padding, no
-    cache (prefill of a whole window).
+    it fp32); `scale_in_weights` folds softmax_scale into the head weights as hy_v4 does (the scale is then 1).
+    position_embeddings: (cos, sin). Causal, no padding, no cache (prefill of a whole window).
     """
     if rope not in _ROPE:
         raise ValueError(f"rope must be one of {sorted(_ROPE)}, not {rope!r}")
@@ -69,10 +69,27 @@ def indexer_topk(
         q, k = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
     k = k.squeeze(2)
     weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * n_heads**-0.5
-    softmax_scale = indexer.softmax_scale
     if scale_in_weights:
-        weights, softmax_scale = weights * softmax_scale, 1.0
-    return lightning_indexer_topk(q, k, weights, topk, softmax_scale)
+        return q, k, weights * indexer.softmax_scale, 1.0
+    return q, k, weights, indexer.softmax_scale
+
+
+@torch.no_grad()
+def indexer_topk(
+    indexer: nn.Module,
+    rope: str,
+    hidden_states: torch.Tensor,
+    q_resid: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    topk: int,
+    **layout,
+) -> torch.Tensor:
+    """The stock indexer's selection through the kernel: int32 [B, S, topk], -1 past the visible keys.
+
+    Arguments as `indexer_projections` (`layout`: its keyword arguments), plus the number of keys to keep.
+    """
+    q, k, weights, scale = indexer_projections(indexer, rope, hidden_states, q_resid, position_embeddings, **layout)
+    return lightning_indexer_topk(q, k, weights, topk, scale)
 
 
 def _sparse_attention_forward(

@@ -113,6 +113,11 @@ def search(
     output = Path(output)
     _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
     state_path = search_state_path(output)
+    if strategy == "overlap":
+        from .overlap_search import search_by_overlap
+
+        load = (model, dtype, device, device_map, tokenizer)
+        return search_by_overlap(load, ratio, num_full, data, output, blocks, resume, batch_size, kernels, log)
     if resume and not state_path.exists():
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -48,23 +48,32 @@ def select_backend(
     return "triton", kernel_indexer(arch), attn
 
 
-def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:
-    """An F layer's top-k through the indexer kernel (`wiring.indexer_topk`), for `index_sharing`."""
+def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
+    """(q, k, weights, score scale) of one indexer call, as `wiring.indexer_projections` returns them, from the
+    arguments the family's attention passed its indexer (bound to the indexer's own argument names)."""
     from .kernels import wiring
 
+    call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments
+    return wiring.indexer_projections(
+        indexer,
+        arch.indexer_rope,
+        call["hidden_states"],
+        None if arch.indexer_query == "hidden" else call["q_resid"],
+        call["position_embeddings"],
+        rope_at_end=arch.indexer_rope_at_end,
+        scale_in_weights=arch.indexer_scale_in_weights,
+        position_ids=call.get("position_ids"),
+    )
+
+
+def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:
+    """An F layer's top-k through the indexer kernel, for `index_sharing`."""
+    from .kernels.indexer import lightning_indexer_topk
+
+    @torch.no_grad()
     def triton_indexer(indexer, *args, **kwargs):
-        call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments  # the family's own argument names
-        indices = wiring.indexer_topk(
-            indexer,
-            arch.indexer_rope,
-            call["hidden_states"],
-            None if arch.indexer_query == "hidden" else call["q_resid"],
-            call["position_embeddings"],
-            indexer.index_topk,
-            rope_at_end=arch.indexer_rope_at_end,
-            scale_in_weights=arch.indexer_scale_in_weights,
-            position_ids=call.get("position_ids"),
-        )
+        q, k, weights, scale = indexer_inputs(arch, indexer, *args, **kwargs)
+        indices = lightning_indexer_topk(q, k, weights, indexer.index_topk, scale)
         if arch.sparse_attention_kernel:
             return indices
         # The family's own attention scatters the indices into a mask, which cannot take the kernel's -1. Only a
@@ -84,10 +93,16 @@ def kernels_installed(
     choice: str = "auto",
     seq_len: int | None = None,
     pattern: str | None = None,
+    wrap_indexer: Callable[[IndexerFn], IndexerFn] | None = None,
 ) -> Iterator[tuple[SharingState, str]]:
     """The F/S patch with the chosen kernels on `model`; on "triton" every attention layer of a family that
-    `absorbed` knows runs the absorbed latent kernel. Yields (sharing state, backend name); restores all on exit."""
+    `absorbed` knows runs the absorbed latent kernel. Yields (sharing state, backend name); restores all on exit.
+
+    `wrap_indexer` (e.g. `analyze`'s recorder) receives the chosen indexer function and returns the one F layers call.
+    """
     name, indexer_fn, attn = select_backend(arch, device, choice, seq_len)
+    if wrap_indexer is not None:
+        indexer_fn = wrap_indexer(indexer_fn)
     with (
         index_sharing(model, arch, pattern, indexer_fn, attn) as state,
         absorbed_attention(model, arch, enabled=name == "triton"),
