@@ -25,8 +25,8 @@ def selections(loaded, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     lw = LayerwiseModel(loaded.model, loaded.arch)
     seen: dict[int, list[torch.Tensor]] = {}
 
-    def recording(indexer, *args):
-        out = reference_indexer(indexer, *args)
+    def recording(indexer, *args, **kwargs):
+        out = reference_indexer(indexer, *args, **kwargs)
         seen.setdefault(indexer.layer_idx, []).append(out)
         return out
 

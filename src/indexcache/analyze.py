@@ -24,13 +24,12 @@ import torch
 
 from . import defaults
 from .atomic import write_json
-from .backends import kernels_installed
+from .backends import indexer_inputs, kernels_installed
 from .calib import DataSpec, Windows, make_windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .kernels.indexer import index_scores_reference
-from .kernels.wiring import indexer_projections
-from .models import LoadedModel, load_model
+from .models import DsaArchitecture, LoadedModel, load_model
 from .patch import IndexerFn
 from .patterns import file as pattern_file
 
@@ -73,9 +72,9 @@ class SelectionRecorder:
     Call `end_batch()` after every forward: it drops the batch's selections (the sums stay).
     """
 
-    def __init__(self, rope: str, num_layers: int, topk: int):
+    def __init__(self, arch: DsaArchitecture, num_layers: int, topk: int):
         self.compute: IndexerFn | None = None
-        self.rope = rope
+        self.arch = arch
         self.topk = topk
         self.shared_keys = torch.zeros(num_layers, num_layers, dtype=torch.float64)  # Σ |A_i ∩ A_j| over positions
         self.entropy = torch.zeros(num_layers, dtype=torch.float64)
@@ -83,8 +82,9 @@ class SelectionRecorder:
         self.positions = 0
         self._batch: dict[int, torch.Tensor] = {}  # layer → sorted int [B, S - k, k]
 
-    def __call__(self, indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
-        indices = self.compute(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache)
+    def __call__(self, indexer, *args, **kwargs):
+        """The arguments are the family's own indexer call (see `patch.IndexerFn`)."""
+        indices = self.compute(indexer, *args, **kwargs)
         layer, k = indexer.layer_idx, self.topk
         selected = indices[:, k:].sort(-1).values  # positions ≥ k see more than k keys: a real choice
         for other, earlier in self._batch.items():
@@ -93,8 +93,8 @@ class SelectionRecorder:
             self.shared_keys[layer, other] += shared
         self.shared_keys[layer, layer] += selected.shape[0] * selected.shape[1] * k
         self._batch[layer] = selected
-        q, keys, weights = indexer_projections(indexer, self.rope, hidden_states, q_resid, position_embeddings)
-        nats, normalised = entropy_sums(q, keys, weights, indexer.softmax_scale, k)
+        q, keys, weights, scale = indexer_inputs(self.arch, indexer, *args, **kwargs)
+        nats, normalised = entropy_sums(q, keys, weights, scale, k)
         self.entropy[layer] += nats
         self.entropy_normalised[layer] += normalised
         return indices
@@ -137,7 +137,9 @@ def matrix_sha256(overlap: list[list[float | None]]) -> str:
 @torch.no_grad()
 def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kernels: str) -> tuple[Analysis, str]:
     """Run every indexer layer F over `windows` ([W, S], S > k), batch by batch; returns the analysis and backend."""
-    n, topk = loaded.num_layers, loaded.model.config.index_topk
+    n, topk = loaded.num_layers, loaded.text_config.index_topk
+    if not loaded.arch.indexer_kernel:
+        raise IndexCacheError(f"analyze: {loaded.arch.family}'s indexer does not select top-k keys; not supported")
     seq_len = windows.input_ids.shape[1]
     if seq_len <= topk:
         raise IndexCacheError(
@@ -147,7 +149,7 @@ def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kern
     if batch_size < 1:
         raise IndexCacheError(f"--batch-size {batch_size} must be at least 1")
     lw = LayerwiseModel(loaded.model, loaded.arch)
-    recorder = SelectionRecorder(loaded.arch.indexer_rope, n, topk)
+    recorder = SelectionRecorder(loaded.arch, n, topk)
     nll, layer_forwards = 0.0, 0
     device = lw.input_device
     install = kernels_installed(loaded.model, loaded.arch, device, kernels, seq_len, wrap_indexer=recorder.around)
@@ -203,7 +205,7 @@ def analyze(
     loaded = load_model(model, dtype, device, device_map, tokenizer)
     data = data or DataSpec()
     windows = (
-        data if isinstance(data, Windows) else make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id)
+        data if isinstance(data, Windows) else make_windows(data, loaded.tokenizer, loaded.text_config.eos_token_id)
     )
     started = time.perf_counter()
     analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)

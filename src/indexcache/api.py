@@ -129,7 +129,7 @@ def search(
     if isinstance(data, Windows):
         windows = data
     else:
-        windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id)
+        windows = make_windows(data, loaded.tokenizer, loaded.text_config.eos_token_id)
     forced = block_starts(n, blocks) if blocks is not None else []
     if len(loaded.indexer_layers) < n:
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
@@ -180,7 +180,7 @@ def search(
         final_loss = state.trajectory[-1].loss if state.trajectory else state.loss_all_full
 
     pattern = state.pattern
-    config = loaded.model.config
+    config = loaded.text_config
     result = {
         "schema_version": pattern_file.SCHEMA_VERSION,
         "index_topk_pattern": pattern,
@@ -277,7 +277,7 @@ def evaluate(
     pattern_file.check_matches(data_file, loaded.arch.model_type, loaded.num_layers, loaded.name)
     if data_file["model"].get("config_sha256") != loaded.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
-    windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id, offset=offset)
+    windows = make_windows(data, loaded.tokenizer, loaded.text_config.eos_token_id, offset=offset)
     rows = []
     with _calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
         scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)

@@ -315,8 +315,8 @@ def apply(
     """Write a servable copy of a checkpoint with the pattern in config.json (index_topk_pattern)."""
     from .export import apply_pattern
 
-    path = apply_pattern(pattern, model, output, copy)
-    out.print(f"wrote {path} (config.json carries index_topk_pattern; weights {'copied' if copy else 'linked'})")
+    path = apply_pattern(pattern, model, output, copy, log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    out.print(f"wrote {path} (config.json carries the pattern; weights {'copied' if copy else 'linked'})")
 
 
 from .bench_command import bench as _bench  # noqa: E402  (the command's body lives in its own module)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import IndexCacheError
-from .forward import LayerInputs, LayerwiseModel
+from .forward import LayerInputs, LayerState, LayerwiseModel
 from .patch import SharingState
 from .patterns.layout import FULL, SHARED
 
@@ -91,17 +91,21 @@ class _Activations:
     Attributes:
         hidden: layer → hidden [B, S, D] entering that layer (kept layers only).
         entering_index: layer → top-k indices [B, S, k] in the buffer when that layer starts.
+        entering_state: layer → the cross-layer state (e.g. shared KV) when that layer starts; None where the
+            family has none.
         nll: summed NLL per window, fp64 [B], of the run that produced them.
     """
 
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     entering_index: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    entering_state: dict[int, LayerState] = field(default_factory=dict)
     nll: torch.Tensor | None = None
 
     def install(self, other: _Activations) -> None:
         """Take over `other`'s layers (a later start of the same pattern) and its loss."""
         self.hidden.update(other.hidden)
         self.entering_index.update(other.entering_index)
+        self.entering_state.update(other.entering_state)
         self.nll = other.nll
 
 
@@ -181,7 +185,7 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
     kind, every = parse_cache_option(requested)
     on_gpu = lw.input_device.type == "cuda"
     host = "host" if on_gpu else "device"
-    hidden_size = lw.base.config.hidden_size
+    hidden_size = lw.hidden_values_per_token  # × hyper-connection streams where the family has them
     itemsize = lw.base.embed_tokens.weight.element_size()
     need = lw.num_layers * windows.numel() * hidden_size * itemsize
     host_free = _host_available_bytes()
@@ -235,6 +239,26 @@ class CachedScorer(PatternScorer):
     def _load(self, t: torch.Tensor | None, like: torch.device) -> torch.Tensor | None:
         return None if t is None else t.to(like, non_blocking=True)
 
+    def _store_state(self, layer_state: LayerState, host_copies: dict[int, torch.Tensor]) -> LayerState:
+        """A snapshot of the cross-layer state. Layers add or replace entries but never write into a tensor, so on
+        the host each tensor is copied once per run (`host_copies`: id of a live device tensor → its host copy), not
+        once per layer that sees it."""
+        snapshot = self.lw.snapshot(layer_state)
+        if snapshot is not None and self.plan.location == "host":
+            for key, tensors in snapshot.items():
+                for t in tensors:
+                    if id(t) not in host_copies:
+                        host_copies[id(t)] = self._store(t)
+                snapshot[key] = tuple(host_copies[id(t)] for t in tensors)
+        return snapshot
+
+    def _load_state(self, snapshot: LayerState) -> LayerState:
+        """A fresh, writable cross-layer state holding `snapshot`'s entries on the model's device."""
+        layer_state = self.lw.snapshot(snapshot)
+        if layer_state is not None:
+            layer_state.to(self.lw.input_device, non_blocking=True)  # KVSharingDict.to works in place
+        return layer_state
+
     @torch.no_grad()
     def _run_from(self, pattern: str, b: int, start: int, into: _Activations | None) -> torch.Tensor:
         """Run batch `b` from kept layer `start` to the end under `pattern`, recording into `into` if given.
@@ -243,12 +267,15 @@ class CachedScorer(PatternScorer):
         self.state.pattern = pattern
         hidden = self._load(entry.hidden[start], self.lw.input_device)
         self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
+        layer_state = self._load_state(entry.entering_state[start])
+        host_copies: dict[int, torch.Tensor] = {}
         for layer in range(start, self.lw.num_layers):
             if into is not None:
                 into.entering_index[layer] = self.state.buffer
+                into.entering_state[layer] = self._store_state(layer_state, host_copies)
                 if layer % self.plan.every == 0:
                     into.hidden[layer] = self._store(hidden)
-            hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1)
+            hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1, layer_state)
         self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
         nll = self.lw.nll_sum(hidden, self.batches[b])
         if into is not None:
@@ -266,7 +293,7 @@ class CachedScorer(PatternScorer):
             self.cache, self.inputs = [], []
             for ids in self.batches:
                 hidden, inputs = self.lw.embed(ids)
-                self.cache.append(_Activations({0: self._store(hidden)}, {0: None}))
+                self.cache.append(_Activations({0: self._store(hidden)}, {0: None}, {0: self.lw.new_layer_state()}))
                 self.inputs.append(inputs)
             start, winner = 0, None
         else:

@@ -45,6 +45,11 @@ class LoadedModel:
     def num_layers(self) -> int:
         return len(self.arch.layers(self.model))
 
+    @property
+    def text_config(self):
+        """The language model's config (the model's own one unless it is a vision-language checkpoint)."""
+        return self.model.config.get_text_config()
+
 
 def embedded_model_path() -> Path:
     return Path(str(resources.files("indexcache.assets") / EMBEDDED_MODEL))
@@ -99,7 +104,8 @@ def load_model(
     Layers whose checkpoint has indexer weights are built with their indexer even when config.json carries a
     sharing pattern (`index_topk_pattern`, `index_topk_freq`, `indexer_types`), so the search can use them.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -119,19 +125,22 @@ def load_model(
     arch = architecture_for(getattr(config, "model_type", None))
     config_text = (path / "config.json").read_bytes() if path.exists() else json.dumps(config.to_dict()).encode()
 
-    num_layers = config.num_hidden_layers
+    # A vision-language checkpoint (mistral_large4, hy_v4_vl) keeps the DSA settings on its text config.
+    text_config = config.get_text_config()
+    num_layers = text_config.num_hidden_layers
     keys = _checkpoint_keys(path) if path.exists() else None
     if keys is None:
         with_weights = list(range(num_layers))
     else:
-        with_weights = [i for i in range(num_layers) if any(k.startswith(arch.indexer_weight_prefix(i)) for k in keys)]
-    if hasattr(config, "indexer_types"):
-        config.indexer_types = ["full" if i in with_weights else "shared" for i in range(num_layers)]
+        prefixes = [arch.checkpoint_indexer_prefixes(i) for i in range(num_layers)]
+        with_weights = [i for i in range(num_layers) if any(k.startswith(prefixes[i]) for k in keys)]
+    if hasattr(text_config, "indexer_types"):
+        text_config.indexer_types = ["full" if i in with_weights else "shared" for i in range(num_layers)]
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
+        loaded = getattr(transformers, arch.auto_class).from_pretrained(
             name,
             config=config,
             dtype=torch_dtype,
