@@ -1,4 +1,4 @@
-"""The seam between the kernels and transformers' DSA models (GLM-5 `glm_moe_dsa`, DeepSeek-V3.2 `deepseek_v32`).
+"""The seam between the kernels and transformers' DSA models (GLM-5, DeepSeek-V3.2, Hunyuan 4, Mistral Large 4, ...).
 
 `indexer_topk` replaces a stock indexer's forward: the same projections and RoPE, then the top-k kernel.
 `register_sparse_attention` registers an attention function that consumes the indices the attention layer passes
@@ -26,19 +26,27 @@ _ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos
 
 
 @torch.no_grad()
-def indexer_topk(
+def indexer_projections(
     indexer: nn.Module,
     rope: str,
     hidden_states: torch.Tensor,
-    q_resid: torch.Tensor,
+    q_resid: torch.Tensor | None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    topk: int,
-) -> torch.Tensor:
-    """The stock indexer's selection through the kernel: int32 [B, S, topk], -1 past the visible keys.
+    *,
+    rope_at_end: bool = False,
+    scale_in_weights: bool = False,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The stock indexer's q [B, S, H, D], k [B, S, D], fp32 head weights [B, S, H] and the score scale, before any
+    scoring: the indexer scores Σ_h weights · ReLU(scale · q · k).
 
-    indexer: a `GlmMoeDsaIndexer` / `DeepseekV32Indexer` (its wq_b, wk, k_norm, weights_proj, softmax_scale, n_heads,
-    head_dim, qk_rope_head_dim); rope: "interleave" (glm_moe_dsa) or "half" (deepseek_v32), applied to the first
-    qk_rope_head_dim dims of q and k as the stock code does. hidden_states: [B, S, hidden], q_resid: [B, S, q_lora],
+    indexer: a `GlmMoeDsaIndexer` / `DeepseekV32Indexer` / `HYV4Indexer` / `MistralLarge4TextIndexer` / ... (its wq_b,
+    wk, k_norm, weights_proj, softmax_scale, n_heads, head_dim, qk_rope_head_dim); rope: "interleave" or "half",
+    applied to the first qk_rope_head_dim dims of q and k (the last ones with `rope_at_end`, hy_v4), or to none where
+    the indexer says `use_rope = 0` (mistral_large4's NoPE layers). hidden_states: [B, S, hidden], q_resid:
+    [B, S, q_lora] — or None for an indexer without q-LoRA, whose query is wq_b(q_input_norm(hidden)) scaled per
+    position by its `softmax_scaling` (needs position_ids [1, S]). k_norm runs in its own weights' dtype (hy_v4 keeps
+    it fp32); `scale_in_weights` folds softmax_scale into the head weights as hy_v4 does (the scale is then 1).
     position_embeddings: (cos, sin). Causal, no padding, no cache (prefill of a whole window).
     """
     if rope not in _ROPE:
@@ -46,15 +54,42 @@ def indexer_topk(
     batch, seq_len, _ = hidden_states.shape
     n_heads, head_dim, rope_dim = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
     cos, sin = position_embeddings
-    q = indexer.wq_b(q_resid).view(batch, seq_len, n_heads, head_dim)
-    q_rot, q_pass = torch.split(q, [rope_dim, head_dim - rope_dim], dim=-1)
-    k = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)  # [B, S, 1, D]
-    k_rot, k_pass = torch.split(k, [rope_dim, head_dim - rope_dim], dim=-1)
-    q_rot, k_rot = _ROPE[rope](q_rot, k_rot, cos, sin, unsqueeze_dim=2)
-    q = torch.cat([q_rot, q_pass], dim=-1)
-    k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
+    if q_resid is None:
+        q = indexer.wq_b(indexer.q_input_norm(hidden_states)).view(batch, seq_len, n_heads, head_dim)
+        q = indexer.softmax_scaling(q, position_ids, head_dim_first=False)
+    else:
+        q = indexer.wq_b(q_resid).view(batch, seq_len, n_heads, head_dim)
+    k_norm_dtype = indexer.k_norm.weight.dtype
+    k = indexer.k_norm(indexer.wk(hidden_states).to(k_norm_dtype)).to(hidden_states.dtype).unsqueeze(2)  # [B,S,1,D]
+    if getattr(indexer, "use_rope", True):
+        split = [head_dim - rope_dim, rope_dim] if rope_at_end else [rope_dim, head_dim - rope_dim]
+        rot = 1 if rope_at_end else 0
+        q_parts, k_parts = list(torch.split(q, split, dim=-1)), list(torch.split(k, split, dim=-1))
+        q_parts[rot], k_parts[rot] = _ROPE[rope](q_parts[rot], k_parts[rot], cos, sin, unsqueeze_dim=2)
+        q, k = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
+    k = k.squeeze(2)
     weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * n_heads**-0.5
-    return lightning_indexer_topk(q, k, weights, topk, indexer.softmax_scale)
+    if scale_in_weights:
+        return q, k, weights * indexer.softmax_scale, 1.0
+    return q, k, weights, indexer.softmax_scale
+
+
+@torch.no_grad()
+def indexer_topk(
+    indexer: nn.Module,
+    rope: str,
+    hidden_states: torch.Tensor,
+    q_resid: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    topk: int,
+    **layout,
+) -> torch.Tensor:
+    """The stock indexer's selection through the kernel: int32 [B, S, topk], -1 past the visible keys.
+
+    Arguments as `indexer_projections` (`layout`: its keyword arguments), plus the number of keys to keep.
+    """
+    q, k, weights, scale = indexer_projections(indexer, rope, hidden_states, q_resid, position_embeddings, **layout)
+    return lightning_indexer_topk(q, k, weights, topk, scale)
 
 
 def _sparse_attention_forward(

@@ -1,10 +1,11 @@
-"""Quality table: held-out loss of all-F, greedy, uniform and random patterns at several retention ratios,
-and the top-k overlap between adjacent layers (the statistic behind IndexCache).
+"""Quality table: held-out loss of all-F, greedy, overlap (one-forward DP), uniform and random patterns at several
+retention ratios, and the top-k overlap between adjacent layers (the statistic behind IndexCache).
 
     python scripts/quality_table.py            # the shipped tiny model and calibration sample, on CPU
+    python scripts/quality_table.py ... --only-overlap   # add only the overlap rows to the committed table
 
-The greedy pattern is searched on the calibration windows; every pattern is then scored on held-out windows
-that follow them in the same seeded order (disjoint). Writes scripts/results/quality_table.{json,md}.
+The greedy and overlap patterns are searched on the calibration windows; every pattern is then scored on held-out
+windows that follow them in the same seeded order (disjoint). Writes scripts/results/quality_table.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 import torch
 
 from indexcache import api
-from indexcache.calib import DataSpec, make_windows
+from indexcache.analyze import analyze_windows
+from indexcache.calib import DataSpec, Windows, make_windows
 from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
+from indexcache.overlap import best_pattern, retained_overlap
 from indexcache.patch import index_sharing, reference_indexer
 from indexcache.patterns.file import library_versions
 from indexcache.patterns.layout import num_full_for_ratio, random_pattern, uniform
@@ -54,6 +57,119 @@ def adjacent_overlap(lw: LayerwiseModel, arch, windows: torch.Tensor, topk: int)
     return overlaps
 
 
+def overlap_patterns(loaded, calib: Windows, ratios: list[float]) -> tuple[dict[float, str], list]:
+    """The `overlap` strategy's pattern at each ratio, from one all-F forward over the calibration windows.
+
+    The same DP over the same matrix as `search --strategy overlap` (which adds one forward per ratio to measure
+    the pattern's calibration loss; the table needs only held-out losses). Returns patterns by ratio and the matrix.
+    """
+    analysis, _ = analyze_windows(loaded, calib, 1, "reference")
+    n = loaded.num_layers
+    patterns = {r: best_pattern(analysis.overlap, num_full_for_ratio(r, n), loaded.indexer_layers) for r in ratios}
+    print(f"overlap patterns: {patterns}", flush=True)
+    return patterns, analysis.overlap
+
+
+def overlap_row(scorer: PatternScorer, ratio: float, pattern: str, matrix: list, indexer_layers: list[int]) -> dict:
+    """Held-out loss of the overlap pattern, and the calibration top-k overlap it keeps (the DP's objective)."""
+    return {
+        "ratio": ratio,
+        "kind": "overlap",
+        "pattern": pattern,
+        "loss": scorer.loss(pattern),
+        "retained_overlap": retained_overlap(pattern, matrix, indexer_layers),
+    }
+
+
+def retained_overlap_lines(report: dict) -> list[str]:
+    """Markdown: how much of the calibration top-k overlap each pattern kind keeps (what `overlap` maximises)."""
+    matrix = report["calibration_overlap_matrix"]
+    layers = [i for i, row in enumerate(matrix) if row[i] is not None]
+    lines = ["", "Top-k overlap kept (mean over layers of the calibration windows' all-F overlap; F layers count 1):"]
+    for ratio in sorted({r["ratio"] for r in report["rows"] if r["kind"] == "overlap"}, reverse=True):
+        kept = [
+            f"{r['kind']} {retained_overlap(r['pattern'], matrix, layers):.3f}"
+            for r in report["rows"]
+            if r["ratio"] == ratio and "pattern" in r
+        ]
+        lines.append(f"- 1/{round(1 / ratio)}: " + ", ".join(kept))
+    return lines
+
+
+def add_overlap_column(args) -> None:
+    """--only-overlap: score the overlap patterns on the committed table's held-out windows and merge the rows in
+    (after each ratio's greedy row), leaving every other row as measured."""
+    report = json.loads((RESULTS / "quality_table.json").read_text())
+    if report["calibration"] != {"num_samples": args.num_samples, "seq_len": args.seq_len}:
+        raise SystemExit(f"the committed table used calibration {report['calibration']}; pass the same options")
+    loaded = load_model(args.model, device="cpu")
+    eos = loaded.model.config.eos_token_id
+    calib = make_windows(
+        DataSpec(args.dataset, num_samples=args.num_samples, seq_len=args.seq_len), loaded.tokenizer, eos
+    )
+    held_out = make_windows(
+        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
+        loaded.tokenizer,
+        eos,
+        offset=args.num_samples,
+    )
+    if held_out.fingerprint != report["held_out"]["fingerprint"]:
+        raise SystemExit("the held-out windows differ from the committed table's; pass the same options")
+    ratios = sorted({r["ratio"] for r in report["rows"] if r["kind"] == "greedy"}, reverse=True)
+    patterns, matrix = overlap_patterns(loaded, calib, ratios)
+    rows = [r for r in report["rows"] if r["kind"] != "overlap"]
+    lw = LayerwiseModel(loaded.model, loaded.arch)
+    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
+        scorer = PatternScorer(lw, sharing, held_out.input_ids)
+        for ratio in ratios:
+            at = next(i for i, r in enumerate(rows) if r["ratio"] == ratio and r["kind"] == "greedy") + 1
+            rows.insert(at, overlap_row(scorer, ratio, patterns[ratio], matrix, loaded.indexer_layers))
+            print(f"ratio {ratio}: overlap scored", flush=True)
+    report.update(
+        rows=rows,
+        calibration_overlap_matrix=matrix,
+        overlap_column={"date": datetime.date.today().isoformat(), "versions": library_versions()},
+    )
+    write_report(report)
+
+
+def write_report(report: dict) -> None:
+    """scripts/results/quality_table.json and the markdown table quality_table.md."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality_table.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows, calib, held_out = report["rows"], report["calibration"], report["held_out"]
+    all_full = next(r["loss"] for r in rows if r["kind"] == "all-F")
+    lines = [
+        f"Held-out loss (mean next-token NLL, {held_out['num_samples']} windows × {calib['seq_len']} tokens, disjoint "
+        f"from the {calib['num_samples']} calibration windows) of `{report['model']}`, {report['num_layers']} layers, "
+        f"top-k {report['index_topk']}; {report['date']}, `python scripts/quality_table.py`.",
+        "",
+        "| kept | pattern kind | F/S pattern | loss | Δ vs all-F |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kept = "all" if r["kind"] == "all-F" else f"1/{round(1 / r['ratio'])}"
+        if r["kind"] == "random":
+            text = f"median of {r['count']} (min {r['min']:.4f}, max {r['max']:.4f})"
+            lines.append(f"| {kept} | random | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+        else:
+            lines.append(f"| {kept} | {r['kind']} | `{r['pattern']}` | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+    lines += [
+        "",
+        "Top-k overlap between adjacent layers (all-F, queries with more than k earlier tokens): "
+        + ", ".join(f"{o:.0%}" for o in report["adjacent_topk_overlap"]),
+    ]
+    if "overlap_column" in report:
+        lines.append(
+            f"The overlap rows were added on {report['overlap_column']['date']} "
+            "(`python scripts/quality_table.py ... --only-overlap`), on the same windows."
+        )
+    if "calibration_overlap_matrix" in report:
+        lines += retained_overlap_lines(report)
+    (RESULTS / "quality_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -63,7 +179,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--random-patterns", type=int, default=12)
     parser.add_argument("--ratios", default="0.5,0.25,0.125")
+    parser.add_argument("--only-overlap", action="store_true", help="add only the overlap rows to the committed table")
     args = parser.parse_args()
+    if args.only_overlap:
+        add_overlap_column(args)
+        return
 
     calib = DataSpec(dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len)
     loaded = load_model(args.model, device="cpu")
@@ -85,6 +205,8 @@ def main() -> None:
             )
             greedy[ratio] = result["index_topk_pattern"]
             print(f"ratio {ratio}: greedy {greedy[ratio]} ({result['search']['seconds']:.0f} s)", flush=True)
+    calib_windows = make_windows(calib, loaded.tokenizer, loaded.model.config.eos_token_id)
+    by_overlap, matrix = overlap_patterns(loaded, calib_windows, list(greedy))
     with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
         scorer = PatternScorer(lw, sharing, held_out.input_ids, first_label=held_out.first_label)
         all_full = scorer.loss("F" * n)
@@ -92,6 +214,7 @@ def main() -> None:
         for ratio, pattern in greedy.items():
             k = num_full_for_ratio(ratio, n)
             rows.append({"ratio": ratio, "kind": "greedy", "pattern": pattern, "loss": scorer.loss(pattern)})
+            rows.append(overlap_row(scorer, ratio, by_overlap[ratio], matrix, loaded.indexer_layers))
             uni = uniform(n, k)
             rows.append({"ratio": ratio, "kind": "uniform", "pattern": uni, "loss": scorer.loss(uni)})
             rng = random.Random(ratio)
@@ -120,31 +243,9 @@ def main() -> None:
         "versions": library_versions(),
         "rows": rows,
         "adjacent_topk_overlap": overlap,
+        "calibration_overlap_matrix": matrix,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality_table.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"Held-out loss (mean next-token NLL, {args.eval_samples} windows × {args.seq_len} tokens, disjoint from the "
-        f"{args.num_samples} calibration windows) of `{loaded.name}`, {n} layers, top-k {topk}; "
-        f"{report['date']}, `python scripts/quality_table.py`.",
-        "",
-        "| kept | pattern kind | F/S pattern | loss | Δ vs all-F |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        kept = "all" if r["kind"] == "all-F" else f"1/{round(1 / r['ratio'])}"
-        if r["kind"] == "random":
-            text = f"median of {r['count']} (min {r['min']:.4f}, max {r['max']:.4f})"
-            lines.append(f"| {kept} | random | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
-        else:
-            lines.append(f"| {kept} | {r['kind']} | `{r['pattern']}` | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
-    lines += [
-        "",
-        "Top-k overlap between adjacent layers (all-F, queries with more than k earlier tokens): "
-        + ", ".join(f"{o:.0%}" for o in overlap),
-    ]
-    (RESULTS / "quality_table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(report)
 
 
 if __name__ == "__main__":

@@ -369,7 +369,7 @@ def paths(searched, glm_checkpoint, text_file, llama_checkpoint, tmp_path) -> Pa
     return Paths(glm_checkpoint, text_file, llama_checkpoint, searched.path, tmp_path, tmp_path / "out")
 
 
-SUPPORTED = ("GLM-5", "glm_moe_dsa", "DeepSeek-V3.2", "deepseek_v32")
+SUPPORTED = ("glm_moe_dsa", "deepseek_v32", "mistral_large4", "hy_v4")
 TOO_LITTLE = re.compile(r"has \d+ tokens but 128 are needed")
 
 SEARCH_CASES = [

@@ -12,12 +12,11 @@ import torch
 
 from . import defaults
 from .atomic import write_json
-from .backends import select_backend
+from .backends import kernels_installed
 from .calib import DataSpec, Windows, check_window_length, make_windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .models import Checkpoint, LoadedModel, load_tokenizer, load_weights, open_checkpoint
-from .patch import index_sharing
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
 from .scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
@@ -25,13 +24,18 @@ from .search import Observer, SearchState, block_starts, greedy_search, initial_
 
 
 @contextmanager
-def calibration_context(loaded: LoadedModel, kernels: str):
-    """No grad, eval mode, the F/S patch and the chosen kernels, for one loaded model.
+def calibration_context(loaded: LoadedModel, kernels: str, seq_len: int | None = None):
+    """No grad, eval mode, the F/S patch and the chosen kernels (for windows of `seq_len` tokens), for one model.
 
     Yields (LayerwiseModel, SharingState, backend name)."""
     lw = LayerwiseModel(loaded.model, loaded.arch)
-    backend, indexer_fn, attn = select_backend(loaded.arch, lw.input_device, kernels)
-    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch, None, indexer_fn, attn) as state:
+    with (
+        torch.inference_mode(),
+        kernels_installed(loaded.model, loaded.arch, lw.input_device, kernels, seq_len) as (
+            state,
+            backend,
+        ),
+    ):
         yield lw, state, backend
 
 
@@ -154,6 +158,11 @@ def search(
     output = Path(output)
     _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
     state_path = search_state_path(output)
+    if strategy == "overlap":
+        from .overlap_search import search_by_overlap
+
+        load = (model, dtype, device, device_map, tokenizer)
+        return search_by_overlap(load, ratio, num_full, data, output, blocks, resume, batch_size, kernels, log)
     if resume and not state_path.exists():
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 
@@ -169,7 +178,7 @@ def search(
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
 
-    with calibration_context(loaded, kernels) as (lw, sharing, backend):
+    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
         scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
@@ -337,7 +346,7 @@ def evaluate(
     windows = calibration_windows(checkpoint, data, tokenizer, offset=offset)
     loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
     rows = []
-    with calibration_context(loaded, kernels) as (lw, sharing, _):
+    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
         scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label)
         for name, pattern in _named_patterns(data_file, loaded.indexer_layers):
             rows.append(

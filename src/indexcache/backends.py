@@ -2,33 +2,109 @@
 
 from __future__ import annotations
 
-import torch
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import torch
+from torch import nn
+
+from . import defaults
+from .absorbed import absorbed_attention
 from .errors import IndexCacheError
 from .models import DsaArchitecture
-from .patch import IndexerFn, reference_indexer
+from .patch import IndexerFn, SharingState, index_sharing, reference_indexer
 
 CHOICES = ("auto", "triton", "reference")
 
 
 def select_backend(
-    arch: DsaArchitecture, device: torch.device, choice: str = "auto"
+    arch: DsaArchitecture, device: torch.device, choice: str = "auto", seq_len: int | None = None
 ) -> tuple[str, IndexerFn, str | None]:
     """Returns (name, indexer_fn, attn_implementation) for `index_sharing`.
 
-    `auto` takes the Triton kernels on CUDA and the stock transformers path (the reference) elsewhere.
+    `auto` takes the Triton kernels on CUDA for windows of at least `defaults.TRITON_MIN_SEQ_LEN` tokens (or
+    when `seq_len` is unknown), stock transformers with sdpa ("sdpa") for shorter windows on CUDA, where it was
+    measured faster, and the stock path with the model's own attention (the reference) elsewhere — and for
+    families whose indexer the kernel does not compute (`arch.indexer_kernel` False). Families whose attention we
+    leave alone (`arch.sparse_attention_kernel` False, e.g. hy_v4's sinks, which its sdpa path lacks) keep it for
+    short windows too.
     """
     if choice not in CHOICES:
         raise IndexCacheError(f"--kernels {choice} is not one of {', '.join(CHOICES)}")
-    if choice == "reference" or (choice == "auto" and device.type != "cuda"):
+    if choice == "reference" or (choice == "auto" and (device.type != "cuda" or not arch.indexer_kernel)):
         return "reference", reference_indexer, None
+    if not arch.indexer_kernel:
+        raise IndexCacheError(f"--kernels triton: {arch.family}'s indexer has no kernel here; use --kernels reference")
+    if choice == "auto" and seq_len is not None and seq_len < defaults.TRITON_MIN_SEQ_LEN:
+        if not arch.sparse_attention_kernel:
+            return "reference", reference_indexer, None
+        return "sdpa", reference_indexer, "sdpa"
     if device.type != "cuda":
         raise IndexCacheError("--kernels triton needs a CUDA GPU; use --kernels reference on CPU")
     from .kernels import wiring
 
-    def triton_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
-        return wiring.indexer_topk(
-            indexer, arch.indexer_rope, hidden_states, q_resid, position_embeddings, indexer.index_topk
-        )
+    attn = wiring.register_sparse_attention() if arch.sparse_attention_kernel else None
+    return "triton", kernel_indexer(arch), attn
 
-    return "triton", triton_indexer, wiring.register_sparse_attention()
+
+def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
+    """(q, k, weights, score scale) of one indexer call, as `wiring.indexer_projections` returns them, from the
+    arguments the family's attention passed its indexer (bound to the indexer's own argument names)."""
+    from .kernels import wiring
+
+    call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments
+    return wiring.indexer_projections(
+        indexer,
+        arch.indexer_rope,
+        call["hidden_states"],
+        None if arch.indexer_query == "hidden" else call["q_resid"],
+        call["position_embeddings"],
+        rope_at_end=arch.indexer_rope_at_end,
+        scale_in_weights=arch.indexer_scale_in_weights,
+        position_ids=call.get("position_ids"),
+    )
+
+
+def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:
+    """An F layer's top-k through the indexer kernel, for `index_sharing`."""
+    from .kernels.indexer import lightning_indexer_topk
+
+    @torch.no_grad()
+    def triton_indexer(indexer, *args, **kwargs):
+        q, k, weights, scale = indexer_inputs(arch, indexer, *args, **kwargs)
+        indices = lightning_indexer_topk(q, k, weights, indexer.index_topk, scale)
+        if arch.sparse_attention_kernel:
+            return indices
+        # The family's own attention scatters the indices into a mask, which cannot take the kernel's -1. Only a
+        # query that sees fewer than top-k keys gets -1s, and it selects all of them, its own position included:
+        # that position stands in for the -1s without changing the selection (windows are whole prefills).
+        own = torch.arange(indices.shape[1], device=indices.device, dtype=indices.dtype)[None, :, None]
+        return torch.where(indices < 0, own, indices)
+
+    return triton_indexer
+
+
+@contextmanager
+def kernels_installed(
+    model: nn.Module,
+    arch: DsaArchitecture,
+    device: torch.device,
+    choice: str = "auto",
+    seq_len: int | None = None,
+    pattern: str | None = None,
+    wrap_indexer: Callable[[IndexerFn], IndexerFn] | None = None,
+) -> Iterator[tuple[SharingState, str]]:
+    """The F/S patch with the chosen kernels on `model`; on "triton" every attention layer of a family that
+    `absorbed` knows runs the absorbed latent kernel. Yields (sharing state, backend name); restores all on exit.
+
+    `wrap_indexer` (e.g. `analyze`'s recorder) receives the chosen indexer function and returns the one F layers call.
+    """
+    name, indexer_fn, attn = select_backend(arch, device, choice, seq_len)
+    if wrap_indexer is not None:
+        indexer_fn = wrap_indexer(indexer_fn)
+    with (
+        index_sharing(model, arch, pattern, indexer_fn, attn) as state,
+        absorbed_attention(model, arch, enabled=name == "triton"),
+    ):
+        yield state, name

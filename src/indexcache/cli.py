@@ -91,6 +91,7 @@ MaxMemory = typer.Option(
     None, "--max-memory", help="Per-device limits for --device-map, e.g. '0=20GiB,1=70GiB,cpu=200GiB'."
 )
 Tokenizer = typer.Option(None, help="Tokenizer folder, when the checkpoint has none.")
+PlotPath = typer.Option(None, "--plot", help="Also draw the pattern (and its trajectory or losses) to this PNG.")
 
 
 class _RichObserver:
@@ -137,7 +138,9 @@ def search(
     seq_len: int | None = SeqLen,
     seed: int = Seed,
     windows: str = Windows_,
-    strategy: str = typer.Option(defaults.STRATEGY, help="naive, cached (prefix reuse, same answer) or pruned."),
+    strategy: str = typer.Option(
+        defaults.STRATEGY, help="naive, cached (prefix reuse, same answer), pruned, or overlap (one all-F forward)."
+    ),
     blocks: int | None = typer.Option(None, help="Pipeline stages: force the first layer of each of P blocks F."),
     resume: bool = typer.Option(False, help="Continue the search saved beside --output."),
     batch_size: int = BatchSize,
@@ -149,6 +152,7 @@ def search(
     device_map: str | None = DeviceMap,
     max_memory: str | None = MaxMemory,
     tokenizer: str | None = Tokenizer,
+    plot: Path | None = PlotPath,
 ):
     """Greedy search for the F/S pattern with the lowest calibration loss; writes a pattern JSON."""
     from . import api
@@ -197,6 +201,10 @@ def search(
         highlight=False,
         soft_wrap=True,
     )
+    if plot is not None:
+        from .plot import plot_pattern_file
+
+        plot_pattern_file(output, plot)
 
 
 @app.command("eval")
@@ -231,6 +239,7 @@ def eval_(
     max_memory: str | None = MaxMemory,
     tokenizer: str | None = Tokenizer,
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+    plot: Path | None = PlotPath,
 ):
     """Held-out loss of the pattern vs all-F and the uniform interleave with the same number of F layers."""
     from . import api
@@ -285,6 +294,56 @@ def eval_(
             f"{r['perplexity']:.3f}",
         )
     out.print(table)
+    if plot is not None:
+        from .patterns import file as pattern_file
+        from .plot import pattern_figure, save_png
+
+        save_png(pattern_figure(pattern_file.read(pattern), {"results": rows}), plot)
+
+
+@app.command()
+@friendly_errors
+def analyze(
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write analysis.json and overlap.png into."),
+    model: str | None = Model,
+    dataset: str | None = Dataset,
+    dataset_config: str | None = DatasetConfig,
+    split: str = Split,
+    text_column: str = TextColumn_,
+    num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of calibration windows."),
+    seq_len: int = SeqLen,
+    seed: int = Seed,
+    batch_size: int = BatchSize,
+    kernels: str = Kernels,
+    dtype: str = Dtype,
+    device: str = Device,
+    device_map: str | None = DeviceMap,
+    tokenizer: str | None = Tokenizer,
+):
+    """One all-F forward: the layers' top-k overlap matrix and indexer score entropy, as JSON and a heatmap."""
+    from .analyze import ANALYSIS_JSON, OVERLAP_PNG
+    from .analyze import analyze as run_analysis
+
+    data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+    result = run_analysis(output, model, data, batch_size, kernels, dtype, device, device_map, tokenizer)
+    adjacent = [result["overlap"][i][i + 1] for i in range(len(result["overlap"]) - 1)]
+    shown = ", ".join("–" if v is None else f"{v:.0%}" for v in adjacent)
+    out.print(f"adjacent-layer top-k overlap: {shown}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {output / ANALYSIS_JSON} and {output / OVERLAP_PNG}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def plot(
+    pattern: Path = typer.Argument(..., help="Pattern JSON written by `indexcache search`."),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG to write."),
+    eval_json: Path | None = typer.Option(None, "--eval", help="JSON written by `indexcache eval --json`."),
+):
+    """Draw a pattern: F/S strip, greedy trajectory, and with --eval the pattern vs all-F vs uniform losses."""
+    from .plot import plot_pattern_file
+
+    plot_pattern_file(pattern, output, eval_json)
+    out.print(f"wrote {output}", highlight=False)
 
 
 @app.command()
@@ -298,8 +357,13 @@ def apply(
     """Write a servable copy of a checkpoint with the pattern in config.json (index_topk_pattern)."""
     from .export import apply_pattern
 
-    path = apply_pattern(pattern, model, output, copy)
-    out.print(f"wrote {path} (config.json carries index_topk_pattern; weights {'copied' if copy else 'linked'})")
+    path = apply_pattern(pattern, model, output, copy, log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    out.print(f"wrote {path} (config.json carries the pattern; weights {'copied' if copy else 'linked'})")
+
+
+from .bench_command import bench as _bench  # noqa: E402  (the command's body lives in its own module)
+
+app.command("bench")(friendly_errors(_bench))
 
 
 def main() -> None:

@@ -44,11 +44,16 @@ def _check_indexer_weights(pattern: str, model_dir: Path, arch, num_layers: int)
         )
 
 
-def apply_pattern(pattern_path: str | Path, model_dir: str | Path, output_dir: str | Path, copy: bool = False) -> Path:
-    """Write `output_dir`: `model_dir` with `index_topk_pattern` (and `indexer_types`) in config.json.
+def apply_pattern(
+    pattern_path: str | Path, model_dir: str | Path, output_dir: str | Path, copy: bool = False, log=print
+) -> Path:
+    """Write `output_dir`: `model_dir` with the pattern in config.json, under the keys the family's readers use.
 
-    Weights and tokenizer files are symlinked (copied with `copy=True`). transformers' GlmMoeDsaConfig
-    prefers an explicit `indexer_types` list over `index_topk_pattern`, so both are written, consistently.
+    `indexer_types` always (transformers' GlmMoeDsaConfig and MistralLarge4TextConfig prefer it over
+    `index_topk_pattern`; HYV4Config reads nothing else), `index_topk_pattern` where the family's readers take it,
+    `use_index_cache: true` where vLLM serves the family (it ignores the pattern without it);
+    a vision-language checkpoint gets them in its `text_config`. Says in one line (`log`) when stock transformers
+    ignores the pattern for this family. Weights and tokenizer files are symlinked (copied with `copy=True`).
     The folder appears all at once: it is built beside the target and renamed into place.
     """
     data = pattern_file.read(pattern_path)
@@ -63,14 +68,17 @@ def apply_pattern(pattern_path: str | Path, model_dir: str | Path, output_dir: s
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise IndexCacheError(f"{config_path} is not valid JSON; point --model at a checkpoint") from None
     arch = architecture_for(config.get("model_type"))
-    pattern_file.check_matches(data, arch.model_type, config.get("num_hidden_layers"), str(model_dir))
+    text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    pattern_file.check_matches(data, arch.model_type, text_config.get("num_hidden_layers"), str(model_dir))
 
     pattern = data["index_topk_pattern"]
-    _check_indexer_weights(pattern, model_dir, arch, config["num_hidden_layers"])
-    for key in _SCHEDULE_KEYS:
-        config.pop(key, None)
-    config["index_topk_pattern"] = pattern
-    config["indexer_types"] = indexer_types(pattern)
+    _check_indexer_weights(pattern, model_dir, arch, text_config["num_hidden_layers"])
+    for key in (*_SCHEDULE_KEYS, "index_topk_pattern"):
+        text_config.pop(key, None)
+    values = {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern), "use_index_cache": True}
+    text_config.update({key: values[key] for key in arch.pattern_keys})
+    if arch.pattern_note():
+        log(arch.pattern_note())
 
     # Listed before staging exists, so an output inside the model folder does not link staging to itself.
     items = [item for item in sorted(model_dir.iterdir()) if item.name not in _WRITTEN]

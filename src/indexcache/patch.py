@@ -20,7 +20,9 @@ from .errors import IndexCacheError
 from .models import DsaArchitecture
 from .patterns.layout import FULL, validate
 
-# (indexer module, hidden_states, q_resid, position_embeddings, attention_mask, cache) -> int32 [B, S, k]
+# (indexer module, *the arguments the attention passed to it) -> int32 [B, S, k]. Families call their indexer
+# with different arguments (glm_moe_dsa: hidden_states, q_resid, ...; mistral_large4: hidden_states,
+# position_embeddings, ...); the switch passes them through untouched.
 IndexerFn = Callable[..., torch.Tensor]
 
 
@@ -61,11 +63,21 @@ class _IndexerSwitch(nn.Module):
         self.state = state
         self.compute = compute
 
-    def forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None, cache=None):
+    def __getattr__(self, name: str):
+        """The attention may call the indexer's helpers besides its forward (minimax_m3_vl: `build_block_mask`)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or self._modules.get("inner") is None:
+                raise
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        """Every family passes hidden_states [B, S, D] first; the rest is the family's own indexer call."""
         state = self.state
         if state.pattern[self.layer_idx] == FULL:
             state.indexer_calls[self.layer_idx] += 1
-            state.buffer = self.compute(self.inner, hidden_states, q_resid, position_embeddings, attention_mask, cache)
+            state.buffer = self.compute(self.inner, hidden_states, *args, **kwargs)
             return state.buffer
         if state.buffer is None:
             raise IndexCacheError(f"layer {self.layer_idx} is S but no earlier F layer ran in this forward")
@@ -73,9 +85,9 @@ class _IndexerSwitch(nn.Module):
         return state.buffer.to(hidden_states.device, non_blocking=True)
 
 
-def reference_indexer(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
+def reference_indexer(indexer, *args, **kwargs):
     """The stock transformers indexer: the definition of what an F layer selects."""
-    return indexer(hidden_states, q_resid, position_embeddings, attention_mask, None, cache=cache)
+    return indexer(*args, **kwargs)
 
 
 def indexer_layers(model: nn.Module, arch: DsaArchitecture) -> list[int]:
@@ -112,6 +124,8 @@ def index_sharing(
 
     originals = []
     for i, layer in enumerate(layers):
+        if not arch.is_dsa_layer(model, i):
+            continue  # dense attention: no indexer to run or to stand in for
         attn = arch.attention(layer)
         was_module = arch.indexer_attr in attn._modules
         inner = getattr(attn, arch.indexer_attr, None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import IndexCacheError
-from .forward import LayerInputs, LayerwiseModel
+from .forward import LayerInputs, LayerState, LayerwiseModel
 from .patch import SharingState
 from .patterns.layout import FULL, SHARED
 
@@ -124,17 +124,21 @@ class _Activations:
         hidden: layer → hidden [B, S, D] entering that layer (kept layers only).
         entering_index: kept layer → top-k indices int32 [B, S, k] in the buffer when that layer starts (None
             before layer 0); layers that share one buffer share one stored tensor.
+        entering_state: kept layer → the cross-layer state (e.g. shared KV) when that layer starts; None where
+            the family has none.
         nll: summed NLL per window, fp64 [B], of the run that produced them.
     """
 
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     entering_index: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    entering_state: dict[int, LayerState] = field(default_factory=dict)
     nll: torch.Tensor | None = None
 
     def install(self, other: _Activations) -> None:
         """Take over `other`'s layers (a later start of the same pattern) and its loss."""
         self.hidden.update(other.hidden)
         self.entering_index.update(other.entering_index)
+        self.entering_state.update(other.entering_state)
         self.nll = other.nll
 
 
@@ -237,10 +241,10 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
 def cache_bytes_per_layer(lw: LayerwiseModel, windows: torch.Tensor) -> int:
     """Bytes one kept layer costs the cache over all windows: its input hidden states [N, L, D] and, at worst
     (every layer F, as at the start), its own top-k index buffer [N, L, k] int32."""
-    config = lw.base.config
     itemsize = lw.base.embed_tokens.weight.element_size()
-    topk = min(getattr(config, "index_topk", 0) or 0, windows.shape[1])
-    return windows.numel() * (config.hidden_size * itemsize + topk * torch.int32.itemsize)
+    topk = min(getattr(lw.base.config, "index_topk", 0) or 0, windows.shape[1])
+    # hidden values per token: × hyper-connection streams where the family has them
+    return windows.numel() * (lw.hidden_values_per_token * itemsize + topk * torch.int32.itemsize)
 
 
 def _host_available_bytes() -> int:
@@ -276,6 +280,26 @@ class CachedScorer(PatternScorer):
     def _load(self, t: torch.Tensor | None, like: torch.device) -> torch.Tensor | None:
         return None if t is None else t.to(like, non_blocking=True)
 
+    def _store_state(self, layer_state: LayerState, host_copies: dict[int, torch.Tensor]) -> LayerState:
+        """A snapshot of the cross-layer state. Layers add or replace entries but never write into a tensor, so on
+        the host each tensor is copied once per run (`host_copies`: id of a live device tensor → its host copy), not
+        once per layer that sees it."""
+        snapshot = self.lw.snapshot(layer_state)
+        if snapshot is not None and self.plan.location == "host":
+            for key, tensors in snapshot.items():
+                for t in tensors:
+                    if id(t) not in host_copies:
+                        host_copies[id(t)] = self._store(t)
+                snapshot[key] = tuple(host_copies[id(t)] for t in tensors)
+        return snapshot
+
+    def _load_state(self, snapshot: LayerState) -> LayerState:
+        """A fresh, writable cross-layer state holding `snapshot`'s entries on the model's device."""
+        layer_state = self.lw.snapshot(snapshot)
+        if layer_state is not None:
+            layer_state.to(self.lw.input_device, non_blocking=True)  # KVSharingDict.to works in place
+        return layer_state
+
     @torch.no_grad()
     def _run_from(self, pattern: str, b: int, start: int, into: _Activations | None) -> torch.Tensor:
         """Run batch `b` from kept layer `start` to the end under `pattern`, recording into `into` if given.
@@ -284,6 +308,8 @@ class CachedScorer(PatternScorer):
         self.state.pattern = pattern
         hidden = self._load(entry.hidden[start], self.lw.input_device)
         self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
+        layer_state = self._load_state(entry.entering_state[start])
+        host_copies: dict[int, torch.Tensor] = {}
         source, stored = None, None  # the last index buffer stored, so S layers sharing it store it once
         for layer in range(start, self.lw.num_layers):
             if into is not None and layer % self.plan.every == 0:
@@ -291,8 +317,9 @@ class CachedScorer(PatternScorer):
                     source = self.state.buffer
                     stored = None if source is None else self._store(source)
                 into.entering_index[layer] = stored
+                into.entering_state[layer] = self._store_state(layer_state, host_copies)
                 into.hidden[layer] = self._store(hidden)
-            hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1)
+            hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1, layer_state)
         self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
         nll = self._finite(self.lw.nll_sum(hidden, self.batches[b], self.first_label), pattern, b)
         if into is not None:
@@ -310,7 +337,7 @@ class CachedScorer(PatternScorer):
             self.cache, self.inputs = [], []
             for ids in self.batches:
                 hidden, inputs = self.lw.embed(ids)
-                self.cache.append(_Activations({0: self._store(hidden)}, {0: None}))
+                self.cache.append(_Activations({0: self._store(hidden)}, {0: None}, {0: self.lw.new_layer_state()}))
                 self.inputs.append(inputs)
             start, winner = 0, None
         else:

@@ -1,6 +1,6 @@
 """Model adapters (one file per DSA family) and checkpoint loading."""
 
-from . import deepseek_v32, glm_moe_dsa  # noqa: F401  (registers the adapters)
+from . import axk2, deepseek_v32, dots3_note, glm_moe_dsa, hy_v4, minimax_m3_vl, mistral_large4, refused  # noqa: F401
 from .loading import (
     Checkpoint,
     LoadedModel,

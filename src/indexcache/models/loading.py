@@ -46,11 +46,11 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        return self.config.num_hidden_layers
+        return self.config.get_text_config().num_hidden_layers
 
     @property
     def index_topk(self) -> int | None:
-        return getattr(self.config, "index_topk", None)
+        return getattr(self.config.get_text_config(), "index_topk", None)
 
 
 @dataclass
@@ -72,6 +72,11 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return len(self.arch.layers(self.model))
+
+    @property
+    def text_config(self):
+        """The language model's config (the model's own one unless it is a vision-language checkpoint)."""
+        return self.model.config.get_text_config()
 
 
 def embedded_model_path() -> Path:
@@ -133,7 +138,8 @@ def weight_names(checkpoint: str, path: Path | None) -> set[str] | None:
 def indexer_layers_in(names: set[str] | None, arch: DsaArchitecture, num_layers: int) -> list[int]:
     if names is None:
         return list(range(num_layers))
-    return [i for i in range(num_layers) if any(k.startswith(arch.indexer_weight_prefix(i)) for k in names)]
+    prefixes = [arch.checkpoint_indexer_prefixes(i) for i in range(num_layers)]
+    return [i for i in range(num_layers) if any(k.startswith(prefixes[i]) for k in names)]
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -160,10 +166,13 @@ def open_checkpoint(model: str | None = None) -> Checkpoint:
     arch = architecture_for(getattr(config, "model_type", None))
     config_text = (path / "config.json").read_bytes() if path.exists() else json.dumps(config.to_dict()).encode()
     local = Path(name) if path.exists() else None
-    with_weights = indexer_layers_in(weight_names(name, local), arch, config.num_hidden_layers)
-    if hasattr(config, "indexer_types"):
+    # A vision-language checkpoint (mistral_large4, hy_v4_vl) keeps the DSA settings on its text config.
+    text_config = config.get_text_config()
+    num_layers = text_config.num_hidden_layers
+    with_weights = indexer_layers_in(weight_names(name, local), arch, num_layers)
+    if hasattr(text_config, "indexer_types"):
         # Build an indexer on every layer that has weights, even where config.json carries a sharing pattern.
-        config.indexer_types = ["full" if i in with_weights else "shared" for i in range(config.num_hidden_layers)]
+        text_config.indexer_types = ["full" if i in with_weights else "shared" for i in range(num_layers)]
     return Checkpoint(
         name=name,
         recorded=name if model else "embedded:" + EMBEDDED_MODEL,
@@ -212,14 +221,14 @@ def load_weights(
     A layer whose indexer weights the checkpoint turns out not to hold (transformers reports them missing and
     initialises them at random) loses its indexer module, so it can never be F.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     try:
-        loaded, info = AutoModelForCausalLM.from_pretrained(
+        loaded, info = getattr(transformers, checkpoint.arch.auto_class).from_pretrained(
             checkpoint.name,
             config=checkpoint.config,
             dtype=torch_dtype,

@@ -1,7 +1,10 @@
 """Per-architecture adapters, registered by `config.model_type`.
 
 Adding a DSA family means adding one small file beside this one that calls `register(...)`; nothing in the
-search or the patch names a model family.
+search, the layer loop, the prefix cache or the patch names a model family. An adapter is data: where the text
+model, its layers and the indexer live, what shape the hidden state has between layers, which state crosses
+layers, and which config keys carry a pattern for the family's readers. A family that cannot work says why in
+`refusal`.
 """
 
 from __future__ import annotations
@@ -21,16 +24,63 @@ class DsaArchitecture:
         model_type: `config.model_type` this adapter serves.
         family: human-readable family name for messages.
         indexer_rope: RoPE layout of the indexer's rotary dims, "interleave" or "half" (for the fused kernel).
-        layers_path / attention_attr / indexer_attr: attribute path from the CausalLM to its decoder layers,
-            the attention inside a layer, and the indexer inside the attention.
+        layers_path / attention_attr / indexer_attr: attribute path from the loaded model to its decoder layers
+            (through the language model of a vision-language checkpoint), the attention inside a layer, and the
+            indexer inside the attention.
+        auto_class: the transformers auto class that loads a checkpoint of this type with its LM head.
+        indexer_rope_at_end: the rotary dims are the *last* `qk_rope_head_dim` dims of the indexer head (hy_v4).
+        indexer_query: "q_lora" (wq_b of the attention's q-LoRA residual) or "hidden" (wq_b of
+            q_input_norm(hidden), then the per-position softmax scaling: mistral_large4, no q-LoRA).
+        indexer_scale_in_weights: the indexer folds softmax_scale into the head weights (hy_v4), not the scores.
+        sparse_attention_kernel: our sparse-attention kernel may replace the family's attention (False where that
+            attention does more than softmax over the selected keys, e.g. hy_v4's learned attention sinks).
+        hidden_streams: config attribute n when layers carry hyper-connection streams: the hidden state between
+            layers is [B, S, n, H], the embedding copied into each stream.
+        streams_head: base-model submodule that collapses the streams to [B, S, H] before the final norm.
+        shared_state: name of the layer argument through which layers share state (mistral_large4's
+            `shared_kv_states`, a KVSharingDict filled by KV-source layers); a fresh one per forward, and the
+            prefix cache keeps what it holds when each layer starts.
+        inputs_by_layer_type: layers take their mask and rotary table by `config.layer_types` (dots3_note:
+            "sliding_attention" layers a sliding-window mask), built once per type as the model's forward does.
+        fp32_rotary_layer_types: layer types whose rotary table the model computes from fp32 embeddings.
+        logit_softcap: attribute of the loaded model with the final logit soft-capping value (tanh), if any.
+        pattern_keys: the config keys `apply` writes: those the family's readers (transformers, serving engines)
+            take a pattern from. `indexer_types` is always among them; `use_index_cache` (true) is vLLM's switch
+            for IndexCache on DSA models (docs.vllm.ai, features/index_cache).
+        honours_pattern: stock transformers builds S layers from these keys (else only engines and our patch do).
+        dsa_layers: (config attribute, value) marking the layers with sparse attention where only some have it
+            (minimax_m3_vl: `layer_types` == "minimax_m3_sparse"); the patch leaves the other layers alone.
+            None: every layer is a DSA layer, and one built without an indexer is an S layer.
+        indexer_kernel: the Triton indexer computes what this family's indexer selects (False: block-level or
+            other selections; the reference path runs, also on CUDA).
+        checkpoint_indexer_key: the indexer's weight prefix in a checkpoint whose tensor names differ from the
+            module path (transformers renames them on load), as a format string of `layer`; None when they agree.
+        refusal: why indexcache cannot serve this model type (one line), or None.
     """
 
     model_type: str
     family: str
-    indexer_rope: str
+    indexer_rope: str = "interleave"
     layers_path: tuple[str, ...] = ("model", "layers")
     attention_attr: str = "self_attn"
     indexer_attr: str = "indexer"
+    auto_class: str = "AutoModelForCausalLM"
+    indexer_rope_at_end: bool = False
+    indexer_query: str = "q_lora"
+    indexer_scale_in_weights: bool = False
+    sparse_attention_kernel: bool = True
+    hidden_streams: str | None = None
+    streams_head: str | None = None
+    shared_state: str | None = None
+    inputs_by_layer_type: bool = False
+    fp32_rotary_layer_types: tuple[str, ...] = ()
+    logit_softcap: str | None = None
+    pattern_keys: tuple[str, ...] = ("index_topk_pattern", "indexer_types")
+    honours_pattern: bool = False
+    dsa_layers: tuple[str, str] | None = None
+    indexer_kernel: bool = True
+    checkpoint_indexer_key: str | None = None
+    refusal: str | None = None
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack (`model.model`): embeddings, rotary embedding, layers and final norm."""
@@ -45,9 +95,30 @@ class DsaArchitecture:
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention_attr)
 
+    def is_dsa_layer(self, model: nn.Module, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has sparse attention (and so takes part in the pattern)."""
+        if self.dsa_layers is None:
+            return True
+        attribute, value = self.dsa_layers
+        return getattr(self.base_model(model).config, attribute)[layer_idx] == value
+
     def indexer_weight_prefix(self, layer_idx: int) -> str:
         """State-dict prefix of one layer's indexer weights, e.g. `model.layers.3.self_attn.indexer.`."""
         return ".".join((*self.layers_path, str(layer_idx), self.attention_attr, self.indexer_attr)) + "."
+
+    def checkpoint_indexer_prefixes(self, layer_idx: int) -> tuple[str, ...]:
+        """Tensor-name prefixes under which a checkpoint may store one layer's indexer weights."""
+        native = () if self.checkpoint_indexer_key is None else (self.checkpoint_indexer_key.format(layer=layer_idx),)
+        return (self.indexer_weight_prefix(layer_idx), *native)
+
+    def pattern_note(self) -> str | None:
+        """One line for `apply` when stock transformers does not honour a pattern for this family."""
+        if self.honours_pattern:
+            return None
+        return (
+            f"note: stock transformers' {self.model_type} code runs every indexer and ignores the pattern; "
+            "serving engines that read index_topk_pattern apply it (indexcache evaluates it with its own patch)"
+        )
 
 
 _ARCHITECTURES: dict[str, DsaArchitecture] = {}
@@ -59,14 +130,18 @@ def register(arch: DsaArchitecture) -> DsaArchitecture:
 
 
 def supported_families() -> str:
-    return ", ".join(f"{a.family} ({a.model_type})" for a in _ARCHITECTURES.values())
+    """The model types indexcache serves, comma-separated (short enough for a one-line error)."""
+    return ", ".join(a.model_type for a in _ARCHITECTURES.values() if a.refusal is None)
 
 
 def architecture_for(model_type: str | None) -> DsaArchitecture:
-    """The adapter for a `model_type`, or a clear error naming the supported families."""
-    if model_type not in _ARCHITECTURES:
+    """The adapter for a `model_type`, or a clear error naming the supported families (or why it is refused)."""
+    arch = _ARCHITECTURES.get(model_type)
+    if arch is None:
         raise IndexCacheError(
             f"model type '{model_type}' has no DSA lightning indexer that indexcache knows; "
-            f"supported families: {supported_families()}"
+            f"supported model types: {supported_families()}"
         )
-    return _ARCHITECTURES[model_type]
+    if arch.refusal is not None:
+        raise IndexCacheError(f"model type '{model_type}' ({arch.family}) is not supported: {arch.refusal}")
+    return arch

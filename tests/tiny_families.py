@@ -1,0 +1,177 @@
+"""Tiny random-init models of the DSA families beyond GLM-5 / DeepSeek-V3.2, from the real transformers classes.
+
+Each builder takes `indexer_types` (None = the config's default) so the oracle tests can build the stock model
+with transformers' own sharing and the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AXK2Config,
+    AXK2ForCausalLM,
+    Dots3NoteForCausalLM,
+    Dots3NoteTextConfig,
+    HYV4Config,
+    HYV4ForCausalLM,
+    HYV4VLConfig,
+    HYV4VLForConditionalGeneration,
+    MiniMaxM3SparseForConditionalGeneration,
+    MiniMaxM3VLConfig,
+    MiniMaxM3VLForCausalLM,
+    MiniMaxM3VLTextConfig,
+    MistralLarge4Config,
+    MistralLarge4ForConditionalGeneration,
+)
+
+from tiny_models import _TINY, _perturb
+
+_MLA = {k: v for k, v in _TINY.items() if k != "q_lora_rank"}  # mistral_large4 has no q-LoRA
+
+# NoPE at layers 2 and 3 (their indexers skip RoPE too); layers 1, 3, 5 reuse the latent KV of 0, 2, 4, one of
+# them NoPE, so the shared-KV dict carries both its "rope" and "nope" entries across layers.
+MISTRAL_NO_ROPE = [1, 1, 0, 0, 1, 1]
+MISTRAL_KV_SOURCES = [0, 0, 2, 2, 4, 4]
+_PIXTRAL = dict(
+    model_type="pixtral",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    head_dim=8,
+    patch_size=4,
+    image_size=16,
+)
+
+
+def mistral_large4_config(indexer_types: list[str] | None = None, **overrides) -> MistralLarge4Config:
+    """6 text layers (2 dense, 4 MoE) with NoPE layers and shared latent KV, behind a 1-layer Pixtral tower."""
+    text = dict(
+        _MLA,
+        num_hidden_layers=6,
+        index_topk=8,
+        first_k_dense_replace=2,
+        no_rope_layers=MISTRAL_NO_ROPE,
+        kv_source_layers=MISTRAL_KV_SOURCES,
+        indexer_types=indexer_types,
+    )
+    text.update(overrides)
+    config = MistralLarge4Config(text_config=text, vision_config=_PIXTRAL)
+    config._attn_implementation = "eager"
+    return config
+
+
+def mistral_large4_model(seed: int = 0, indexer_types: list[str] | None = None, **overrides):
+    """A MistralLarge4ForConditionalGeneration (the class its checkpoints load as)."""
+    torch.manual_seed(seed)
+    model = MistralLarge4ForConditionalGeneration(mistral_large4_config(indexer_types, **overrides)).eval()
+    _perturb(model, seed)
+    return model
+
+
+def hy_v4_config(indexer_types: list[str] | None = None, **overrides) -> HYV4Config:
+    """6 layers (1 dense, 5 MoE), 4 hyper-connection streams, every indexer present unless `indexer_types` says."""
+    kwargs = dict(_TINY, num_hidden_layers=6, index_topk=8, pad_token_id=None)
+    kwargs.update(overrides)
+    config = HYV4Config(**kwargs, indexer_types=indexer_types or ["full"] * 6)
+    config._attn_implementation = "eager"
+    return config
+
+
+def hy_v4_model(seed: int = 0, indexer_types: list[str] | None = None, **overrides) -> HYV4ForCausalLM:
+    torch.manual_seed(seed)
+    model = HYV4ForCausalLM(hy_v4_config(indexer_types, **overrides)).eval()
+    _perturb(model, seed)
+    return model
+
+
+def hy_v4_vl_model(seed: int = 0, indexer_types: list[str] | None = None) -> HYV4VLForConditionalGeneration:
+    """The hy_v4 text model above (its 3-axis mRoPE sections shrunk to the tiny rotary dims) behind a 1-layer
+    vision tower; text-only windows give every axis the same positions."""
+    torch.manual_seed(seed)
+    rope = dict(_TINY["rope_parameters"], mrope_section=[2, 1, 1])
+    text = dict(_TINY, num_hidden_layers=6, index_topk=8, pad_token_id=None, rope_parameters=rope)
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, out_hidden_size=48,
+        patch_size=4, max_image_size=16,
+    )  # fmt: skip
+    config = HYV4VLConfig(text_config=dict(text, indexer_types=indexer_types or ["full"] * 6), vision_config=vision)
+    config._attn_implementation = "eager"
+    model = HYV4VLForConditionalGeneration(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def axk2_model(seed: int = 0, num_layers: int = 4, **overrides) -> AXK2ForCausalLM:
+    torch.manual_seed(seed)
+    kwargs = dict(_TINY, num_hidden_layers=num_layers, index_topk=8, first_k_dense_replace=1)
+    kwargs.update(overrides)
+    config = AXK2Config(**kwargs)
+    config._attn_implementation = "eager"
+    model = AXK2ForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+MINIMAX_LAYER_TYPES = ["minimax_m3_sparse", "full_attention", *["minimax_m3_sparse"] * 3]
+
+
+def minimax_m3_text_model(seed: int = 0) -> MiniMaxM3VLForCausalLM:
+    """5 layers, layer 1 dense (no indexer); the indexer keeps 2 blocks of 4 keys (plus the local one) per query."""
+    torch.manual_seed(seed)
+    config = MiniMaxM3VLTextConfig(
+        **{k: _TINY[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "rope_parameters")},
+        dense_intermediate_size=64,
+        shared_intermediate_size=24,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rotary_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_block_size=4,
+        index_topk_blocks=2,
+        index_local_blocks=1,
+        layer_types=MINIMAX_LAYER_TYPES,
+        max_position_embeddings=512,
+        pad_token_id=None,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    model = MiniMaxM3VLForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def minimax_m3_vl_model(seed: int = 0) -> MiniMaxM3SparseForConditionalGeneration:
+    """The MiniMax-M3 text model above behind a 1-layer vision tower."""
+    text = minimax_m3_text_model(seed).config.to_dict()
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    config = MiniMaxM3VLConfig(
+        text_config=text, vision_config=vision, projector_hidden_size=32, image_token_index=300, video_token_index=301
+    )
+    config._attn_implementation = "eager"
+    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def dots3_note_text_model(seed: int = 0, **overrides) -> Dots3NoteForCausalLM:
+    """6 layers: indexed (DSA) layers 0, 1 and 5, sliding-window layers 2-4 (window 16), each type with its own
+    rotary table."""
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in _TINY.items() if k != "rope_parameters"}  # the config's own per-type tables
+    kwargs.update(num_hidden_layers=6, index_topk=8, pad_token_id=None, sliding_window=16, head_dim=16)
+    swa = dict(num_attention_heads=2, num_key_value_heads=2, q_lora_rank=24, kv_lora_rank=16, head_dim=16)
+    kwargs.update({f"swa_{k}": v for k, v in swa.items()}, swa_qk_nope_head_dim=8, swa_v_head_dim=8)
+    kwargs.update(overrides)
+    config = Dots3NoteTextConfig(**kwargs)
+    config._attn_implementation = "eager"
+    model = Dots3NoteForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
