@@ -52,7 +52,7 @@ def calibration_windows(
     else:
         spec = data.with_model_defaults(checkpoint.index_topk)
         tok = load_tokenizer(checkpoint, tokenizer, required=tokenizer is not None)
-        windows = make_windows(spec, tok, checkpoint.config.eos_token_id, offset=offset)
+        windows = make_windows(spec, tok, checkpoint.config.get_text_config().eos_token_id, offset=offset)
     check_window_length(windows.input_ids.shape[1], checkpoint.index_topk)
     return windows
 
