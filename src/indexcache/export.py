@@ -17,6 +17,12 @@ from .patterns.layout import indexer_types
 _SCHEDULE_KEYS = ("index_topk_freq", "index_skip_topk_offset")
 
 
+def config_with_pattern(config: dict, pattern: str) -> dict:
+    """config.json's contents with the pattern as `index_topk_pattern` and the matching `indexer_types`."""
+    config = {k: v for k, v in config.items() if k not in _SCHEDULE_KEYS}
+    return {**config, "index_topk_pattern": pattern, "indexer_types": indexer_types(pattern)}
+
+
 def apply_pattern(pattern_path: str | Path, model_dir: str | Path, output_dir: str | Path, copy: bool = False) -> Path:
     """Write `output_dir`: `model_dir` with `index_topk_pattern` (and `indexer_types`) in config.json.
 
@@ -38,11 +44,7 @@ def apply_pattern(pattern_path: str | Path, model_dir: str | Path, output_dir: s
     arch = architecture_for(config.get("model_type"))
     pattern_file.check_matches(data, arch.model_type, config.get("num_hidden_layers"), str(model_dir))
 
-    pattern = data["index_topk_pattern"]
-    for key in _SCHEDULE_KEYS:
-        config.pop(key, None)
-    config["index_topk_pattern"] = pattern
-    config["indexer_types"] = indexer_types(pattern)
+    config = config_with_pattern(config, data["index_topk_pattern"])
 
     # Listed before staging exists, so an output inside the model folder does not link staging to itself.
     items = [item for item in sorted(model_dir.iterdir()) if item.name != "config.json"]
