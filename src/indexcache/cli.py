@@ -260,6 +260,11 @@ def apply(
     out.print(f"wrote {path} (config.json carries index_topk_pattern; weights {'copied' if copy else 'linked'})")
 
 
+from .distill_cli import distill as _distill  # noqa: E402  (it reuses the options defined above)
+
+app.command("distill")(friendly_errors(_distill))
+
+
 def main() -> None:
     app(prog_name="indexcache")
 

@@ -179,16 +179,17 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def training_windows(data_file: dict, spec: DataSpec | None, tokenizer, eos: int | None) -> Windows:
-    """`spec`'s windows, or by default the pattern's calibration source past its calibration windows and past
-    the held-out windows `indexcache eval` takes next (as many again), so training never sees either."""
+def training_windows(data_file: dict, spec: DataSpec | None, num_samples: int, tokenizer, eos: int | None) -> Windows:
+    """`spec`'s windows, or by default `num_samples` windows of the pattern's calibration source past its
+    calibration windows and past the held-out windows `indexcache eval` takes next (as many again), so training
+    never sees either."""
     if spec is not None:
         return make_windows(spec, tokenizer, eos)
     calib = data_file.get("calibration")
     fields = ("dataset", "dataset_config", "split", "text_column", "seq_len", "seed")
     if not isinstance(calib, dict) or any(k not in calib for k in (*fields, "num_samples", "window_offset")):
         raise IndexCacheError("the pattern file records no calibration data to train on; pass --dataset")
-    default = DataSpec(**{k: calib[k] for k in fields}, num_samples=defaults.DISTILL_NUM_SAMPLES)
+    default = DataSpec(**{k: calib[k] for k in fields}, num_samples=num_samples)
     return make_windows(default, tokenizer, eos, offset=calib["window_offset"] + 2 * calib["num_samples"])
 
 
@@ -198,6 +199,7 @@ def distill(
     steps: int,
     model: str | None = None,
     data: DataSpec | None = None,
+    num_samples: int = defaults.DISTILL_NUM_SAMPLES,
     lr: float = defaults.DISTILL_LR,
     batch_size: int = defaults.BATCH_SIZE,
     objective: str = defaults.DISTILL_OBJECTIVE,
@@ -212,9 +214,11 @@ def distill(
 ) -> dict:
     """Train the pattern's F indexers on the multi-layer objective; write the servable checkpoint `output`.
 
-    Returns the run's record (also written to `output/indexcache_distill.json`). The training state is saved
-    beside `output` every `save_every` steps; `resume=True` continues it to the same weights as an uninterrupted
-    run.
+    `data` names the training text; None takes `num_samples` windows of the pattern's calibration source that
+    neither its calibration nor `indexcache eval`'s default held-out windows use. Step i trains on windows
+    i·batch_size … (cycling). Returns the run's record (also written to `output/indexcache_distill.json`). The
+    training state is saved beside `output` every `save_every` steps; `resume=True` continues it to the same
+    weights as an uninterrupted run.
     """
     output = Path(output)
     _check_options(output, steps, lr, batch_size, save_every, objective)
@@ -236,7 +240,7 @@ def distill(
     missing = [f for f in full if f not in loaded.indexer_layers]
     if missing:
         raise IndexCacheError(f"layers {missing} are F in the pattern but have no indexer weights in {model_dir}")
-    windows = training_windows(data_file, data, loaded.tokenizer, loaded.model.config.eos_token_id)
+    windows = training_windows(data_file, data, num_samples, loaded.tokenizer, loaded.model.config.eos_token_id)
 
     # Only the F layers' indexers train; their fp32 master copies are what the optimizer updates.
     for param in loaded.model.parameters():
