@@ -1,16 +1,21 @@
 """Quality table: held-out loss of all-F, greedy, uniform and random patterns at several retention ratios,
-and the top-k overlap between adjacent layers (the statistic behind IndexCache).
+the same greedy and uniform patterns after `indexcache distill`, and the top-k overlap between adjacent layers
+(the statistic behind IndexCache).
 
     python scripts/quality_table.py            # the shipped tiny model and calibration sample, on CPU
 
 The greedy pattern is searched on the calibration windows; every pattern is then scored on held-out windows
-that follow them in the same seeded order (disjoint). Writes scripts/results/quality_table.{json,md}.
+that follow them in the same seeded order (disjoint). Distillation trains on the tiny corpus's train split
+(documents disjoint from the calibration split the other windows come from; see `train_split_file`), with the
+multi-layer objective, and at one ratio each for greedy and uniform with the single-layer objective too.
+Writes scripts/results/quality_table.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import random
 import statistics
@@ -21,6 +26,7 @@ import torch
 
 from indexcache import api
 from indexcache.calib import DataSpec, make_windows
+from indexcache.distill import distill
 from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
 from indexcache.patch import index_sharing, reference_indexer
@@ -29,6 +35,8 @@ from indexcache.patterns.layout import num_full_for_ratio, random_pattern, unifo
 from indexcache.scoring import PatternScorer
 
 RESULTS = Path(__file__).parent / "results"
+MANIFEST = Path(__file__).parent / "data" / "tiny_corpus_manifest.json"
+DEBIAN_STDLIB = Path("/usr/lib/python3.11")
 
 
 @torch.no_grad()
@@ -54,28 +62,135 @@ def adjacent_overlap(lw: LayerwiseModel, arch, windows: torch.Tensor, topk: int)
     return overlaps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--dataset", default=None)
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--eval-samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--random-patterns", type=int, default=12)
-    parser.add_argument("--ratios", default="0.5,0.25,0.125")
-    args = parser.parse_args()
+def train_split_file(dest: Path, stdlib: Path = DEBIAN_STDLIB) -> tuple[Path, int] | None:
+    """The tiny corpus's train split, as far as this machine holds it: the stdlib modules of the train split
+    whose text here hashes to the manifest's (Debian's python3.11 stdlib ships most of them byte-identical).
 
-    calib = DataSpec(dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len)
-    loaded = load_model(args.model, device="cpu")
+    Returns (jsonl path, documents) or None when none is found.
+    """
+    files = json.loads(MANIFEST.read_text())["splits"]["train"]["files"]
+    rows = []
+    for doc_id, (_, digest) in sorted(files.items()):
+        path = stdlib / doc_id.removeprefix("stdlib/")
+        if doc_id.startswith("stdlib/") and path.is_file():
+            text = path.read_text("utf-8")
+            if hashlib.sha256(text.encode()).hexdigest()[:16] == digest:
+                rows.append({"id": doc_id, "text": text})
+    if not rows:
+        return None
+    dest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest, len(rows)
+
+
+def distill_rows(args, loaded, held_out, patterns: dict[tuple[float, str], str], all_full: float) -> list[dict]:
+    """Held-out loss of each (ratio, kind) pattern after `indexcache distill`; `args.single_objective` lists the
+    (ratio, kind) pairs also trained with the single-layer objective."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train = train_split_file(tmp / "train.jsonl")
+        if train is not None:
+            data = DataSpec(dataset=str(train[0]), num_samples=args.distill_windows, seq_len=args.distill_seq_len)
+            source = f"train split: {train[1]} stdlib documents of {DEBIAN_STDLIB} matching the corpus manifest"
+        else:  # the pattern record's default: calibration-source windows past the calibration and held-out ones
+            data = None
+            source = "calibration sample, windows past the calibration and held-out windows"
+        runs = [(r, k, "multi") for (r, k) in patterns] + [
+            (r, k, "single") for (r, k) in args.single_objective if (r, k) in patterns
+        ]
+        for ratio, kind, objective in runs:
+            pattern = patterns[(ratio, kind)]
+            pattern_path = tmp / f"{kind}-{ratio}.json"
+            pattern_path.write_text(json.dumps(_pattern_record(loaded, pattern, held_out)))
+            out = tmp / f"{kind}-{ratio}-{objective}"
+            record = distill(
+                pattern_path,
+                out,
+                args.distill_steps,
+                args.model,
+                data,
+                num_samples=args.distill_windows if train else min(args.distill_windows, 32),
+                lr=args.distill_lr,
+                objective=objective,
+                save_every=args.distill_steps,
+                device="cpu",
+                log=lambda m: None,
+            )
+            distilled = load_model(str(out), device="cpu")
+            lw = LayerwiseModel(distilled.model, distilled.arch)
+            with torch.inference_mode(), index_sharing(distilled.model, distilled.arch) as sharing:
+                loss = PatternScorer(lw, sharing, held_out.input_ids).loss(pattern)
+            first, last = (sum(s["kl"].values()) for s in (record["losses"][0], record["losses"][-1]))
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "kind": f"{kind}+distill" + ("" if objective == "multi" else " (single-layer)"),
+                    "pattern": pattern,
+                    "objective": objective,
+                    "loss": loss,
+                    "steps": record["steps"],
+                    "tokens": record["tokens"],
+                    "lr": record["lr"],
+                    "seconds": record["seconds"],
+                    "kl_first_step": first,
+                    "kl_last_step": last,
+                    "data": {"source": source, "fingerprint": record["data"]["fingerprint"]},
+                }
+            )
+            print(
+                f"ratio {ratio}: {rows[-1]['kind']} {loss:.4f} ({loss - all_full:+.4f}), "
+                f"{record['steps']} steps in {record['seconds']:.0f} s",
+                flush=True,
+            )
+    return rows
+
+
+def _pattern_record(loaded, pattern: str, held_out) -> dict:
+    """A minimal pattern file for `distill`. Its calibration record is the held-out windows, so distill's
+    default data (when the train split is missing) starts past them."""
+    return {
+        "schema_version": 1,
+        "index_topk_pattern": pattern,
+        "num_layers": loaded.num_layers,
+        "model": {"name": loaded.name, "model_type": loaded.arch.model_type},
+        "calibration": held_out.describe(),
+    }
+
+
+def distill_summary_lines(rows: list[dict], all_full: float) -> list[str]:
+    """A compact table: each ratio's greedy and uniform loss before and after distillation (Δ vs all-F)."""
+    by = {(r["ratio"], r["kind"]): r for r in rows}
+
+    def cell(r: dict | None) -> str:
+        return f"{r['loss']:.4f} ({r['loss'] - all_full:+.3f})" if r else ""
+
+    ratios = sorted({r for r, k in by if k.endswith("+distill")}, reverse=True)
+    if not ratios:
+        return []
+    runs = [r for r in rows if "steps" in r]
+    lines = [
+        "",
+        f"After `indexcache distill` ({runs[0]['steps']} steps × {runs[0]['tokens'] // runs[0]['steps']:,} tokens, "
+        f"lr {runs[0]['lr']}, data: {runs[0]['data']['source']}); Δ vs all-F (loss {all_full:.4f}):",
+        "",
+        "| kept | greedy | greedy+distill | uniform | uniform+distill | single-layer objective |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ratio in ratios:
+        single = [r for r in rows if r["ratio"] == ratio and r.get("objective") == "single"]
+        single_text = "; ".join(f"{r['kind'].split('+')[0]}: {cell(r)}" for r in single)
+        lines.append(
+            f"| 1/{round(1 / ratio)} | {cell(by.get((ratio, 'greedy')))} | {cell(by.get((ratio, 'greedy+distill')))} "
+            f"| {cell(by.get((ratio, 'uniform')))} | {cell(by.get((ratio, 'uniform+distill')))} | {single_text} |"
+        )
+    return lines
+
+
+def base_rows(args, loaded, lw: LayerwiseModel, held_out) -> tuple[list[dict], dict[float, str], float]:
+    """Greedy patterns searched on the calibration windows, then all-F, greedy, uniform and random patterns
+    scored on the held-out windows. Returns (rows, {ratio: greedy pattern}, all-F loss)."""
     n = loaded.num_layers
-    held_out = make_windows(
-        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
-        loaded.tokenizer,
-        loaded.model.config.eos_token_id,
-        offset=args.num_samples,
-    )
-    lw = LayerwiseModel(loaded.model, loaded.arch)
-    topk = loaded.model.config.index_topk
+    calib = DataSpec(dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         greedy = {}
@@ -109,7 +224,60 @@ def main() -> None:
                 }
             )
             print(f"ratio {ratio}: scored", flush=True)
-    overlap = adjacent_overlap(lw, loaded.arch, held_out.input_ids[:2], topk)
+    return rows, greedy, all_full
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--random-patterns", type=int, default=12)
+    parser.add_argument("--ratios", default="0.5,0.25,0.125")
+    parser.add_argument("--distill-steps", type=int, default=40, help="0 skips the distillation columns")
+    parser.add_argument("--distill-seq-len", type=int, default=512)
+    parser.add_argument("--distill-windows", type=int, default=64)
+    parser.add_argument("--distill-lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--distill-only",
+        action="store_true",
+        help="keep the base rows of the saved table (same held-out windows) and redo only the distillation rows",
+    )
+    args = parser.parse_args()
+    args.single_objective = [(0.125, "greedy"), (0.25, "uniform")]
+
+    loaded = load_model(args.model, device="cpu")
+    n = loaded.num_layers
+    held_out = make_windows(
+        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
+        loaded.tokenizer,
+        loaded.model.config.eos_token_id,
+        offset=args.num_samples,
+    )
+    lw = LayerwiseModel(loaded.model, loaded.arch)
+    topk = loaded.model.config.index_topk
+    if args.distill_only:
+        # The base rows (and greedy patterns) of the last full run on the same held-out windows.
+        report = json.loads((RESULTS / "quality_table.json").read_text())
+        if report["held_out"]["fingerprint"] != held_out.fingerprint:
+            raise SystemExit("--distill-only: the saved table was scored on other held-out windows; run it whole")
+        rows = [r for r in report["rows"] if "steps" not in r]
+        all_full = next(r["loss"] for r in rows if r["kind"] == "all-F")
+        greedy = {r["ratio"]: r["pattern"] for r in rows if r["kind"] == "greedy"}
+    else:
+        rows, greedy, all_full = base_rows(args, loaded, lw, held_out)
+    if args.distill_steps > 0:
+        patterns = {}
+        for ratio, pattern in greedy.items():
+            patterns[(ratio, "greedy")] = pattern
+            patterns[(ratio, "uniform")] = uniform(n, num_full_for_ratio(ratio, n))
+        rows += distill_rows(args, loaded, held_out, patterns, all_full)
+    if args.distill_only:
+        overlap = report["adjacent_topk_overlap"]
+    else:
+        overlap = adjacent_overlap(lw, loaded.arch, held_out.input_ids[:2], topk)
     report = {
         "date": datetime.date.today().isoformat(),
         "model": loaded.name,
@@ -133,11 +301,15 @@ def main() -> None:
     ]
     for r in rows:
         kept = "all" if r["kind"] == "all-F" else f"1/{round(1 / r['ratio'])}"
-        if r["kind"] == "random":
+        if "steps" in r:
+            text = f"`{r['pattern']}` ({r['steps']} steps, {r['tokens']:,} tokens)"
+            lines.append(f"| {kept} | {r['kind']} | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+        elif r["kind"] == "random":
             text = f"median of {r['count']} (min {r['min']:.4f}, max {r['max']:.4f})"
             lines.append(f"| {kept} | random | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
         else:
             lines.append(f"| {kept} | {r['kind']} | `{r['pattern']}` | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+    lines += distill_summary_lines(rows, all_full)
     lines += [
         "",
         "Top-k overlap between adjacent layers (all-F, queries with more than k earlier tokens): "
