@@ -33,6 +33,7 @@ def state_path(output: Path) -> Path:
 def save_state(output: Path, state: dict) -> None:
     """torch.save to a temporary file beside the target, then rename: a reader never sees half a state."""
     path = state_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
