@@ -228,14 +228,14 @@ def test_bad_inputs_get_one_line(case, glm_checkpoint, tmp_path):
 
 def test_bf16_weights_train_through_fp32_masters():
     """Updates below bf16's resolution accumulate in the fp32 master and reach the bf16 weight once they add up."""
-    from indexcache.distill import _optimizer_step
+    from indexcache.distill import optimizer_step
 
     param = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     master = param.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.SGD([master], lr=1e-3)
     for step in range(20):
         param.grad = torch.ones_like(param)
-        _optimizer_step({"w": param}, {"w": master}, optimizer)
+        optimizer_step({"w": param}, {"w": master}, optimizer)
         if step == 0:
             assert torch.equal(param, torch.ones_like(param)) and master[0].item() < 1.0  # 1 - 5e-4 rounds to 1
     assert master[0].item() == pytest.approx(1 - 20 * 1e-3 * 0.5, rel=1e-4)  # grad-norm clip 1.0 over 4 values

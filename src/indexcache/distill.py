@@ -130,7 +130,7 @@ def distill_context(loaded: LoadedModel, pattern: str, distiller: GroupDistiller
         yield
 
 
-def _indexer_parameters(loaded: LoadedModel, layers: list[int]) -> dict[str, nn.Parameter]:
+def indexer_parameters(loaded: LoadedModel, layers: list[int]) -> dict[str, nn.Parameter]:
     """{checkpoint tensor name: parameter} of the given layers' indexers."""
     arch, stack = loaded.arch, loaded.arch.layers(loaded.model)
     named = {}
@@ -245,7 +245,7 @@ def distill(
     # Only the F layers' indexers train; their fp32 master copies are what the optimizer updates.
     for param in loaded.model.parameters():
         param.requires_grad_(False)
-    params = _indexer_parameters(loaded, full)
+    params = indexer_parameters(loaded, full)
     masters = {}
     for name, param in params.items():
         param.requires_grad_(True)
@@ -292,7 +292,7 @@ def distill(
                 hidden, inputs = lw.embed(windows.input_ids[rows])
                 lw.run_layers(hidden, inputs, 0, lw.num_layers)
             distiller.close()
-            _optimizer_step(params, masters, optimizer)
+            optimizer_step(params, masters, optimizer)
             losses.append({"step": step + 1, "lr": _lr_at(step, steps, lr), "kl": dict(distiller.losses)})
             if observer is not None:
                 observer(step + 1, steps, distiller.losses)
@@ -345,7 +345,7 @@ def _calib_fingerprint(data_file: dict) -> str | None:
     return calib.get("fingerprint") if isinstance(calib, dict) else None
 
 
-def _optimizer_step(params: dict[str, nn.Parameter], masters: dict[str, torch.Tensor], optimizer) -> None:
+def optimizer_step(params: dict[str, nn.Parameter], masters: dict[str, torch.Tensor], optimizer) -> None:
     """Move grads to the fp32 masters, clip, step, and copy the masters back into the model's weights."""
     for name, master in masters.items():
         param = params[name]
