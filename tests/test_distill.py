@@ -19,7 +19,7 @@ from indexcache.models import LoadedModel, architecture_for, load_model
 from indexcache.patch import index_sharing
 from indexcache.patterns.layout import full_layers
 
-from tiny_models import glm_config, glm_model, random_ids
+from tiny_models import deepseek_model, glm_config, glm_model, random_ids
 
 PATTERN = "FSSFSS"  # two groups: layer 0 serves 0-2, layer 3 serves 3-5
 SEQ = 40  # index_topk 8 ≪ 40: selection matters
@@ -77,32 +77,45 @@ class _Recording(GroupDistiller):
         super().close()
 
 
-@pytest.mark.parametrize("objective", ["multi", "single"])
-def test_group_target_equals_dense_bruteforce(objective):
+@pytest.mark.parametrize(
+    "family,pattern,objective",
+    [
+        pytest.param("glm_moe_dsa", PATTERN, "multi", id="glm-FSSFSS-multi"),
+        pytest.param("glm_moe_dsa", PATTERN, "single", id="glm-FSSFSS-single"),
+        # Stock deepseek_v32 ignores patterns, so its oracle is all-F; its indexer RoPE is the "half" layout.
+        pytest.param("deepseek_v32", "FFFF", "multi", id="dsv32-FFFF"),
+    ],
+)
+def test_group_target_equals_dense_bruteforce(family, pattern, objective):
     """Streamed target over the selected keys == the dense average of the served layers' head-mean attention."""
-    model = glm_model(seed=3)
-    arch = architecture_for("glm_moe_dsa")
     ids = random_ids(2, SEQ, seed=3)
-    config = glm_config(index_topk_pattern=PATTERN)
-    config._attn_implementation = "eager"
-    stock = GlmMoeDsaForCausalLM(config).eval()
-    stock.load_state_dict(model.state_dict(), strict=False)
+    if family == "glm_moe_dsa":
+        model = glm_model(seed=3)
+        config = glm_config(index_topk_pattern=pattern)
+        config._attn_implementation = "eager"
+        stock = GlmMoeDsaForCausalLM(config).eval()
+        stock.load_state_dict(model.state_dict(), strict=False)
+    else:
+        model = stock = deepseek_model(seed=3)
     with torch.no_grad():
         attentions = stock(ids, output_attentions=True).attentions  # per layer [B, H, S, T], zero off-selection
 
+    arch = architecture_for(family)
     stack = arch.layers(model)
-    distiller = _Recording(arch.indexer_rope, objective, {id(stack[f].self_attn.indexer): f for f in (0, 3)})
+    full = full_layers(pattern)
+    distiller = _Recording(arch.indexer_rope, objective, {id(stack[f].self_attn.indexer): f for f in full})
     distiller.targets = {}
-    loaded = LoadedModel(model, arch, None, "test", "", list(range(6)))
+    loaded = LoadedModel(model, arch, None, "test", "", list(range(len(pattern))))
     lw = LayerwiseModel(model, arch)
     for name, param in model.named_parameters():
         param.requires_grad_(".indexer." in name)
-    with distill_context(loaded, PATTERN, distiller), torch.no_grad():
+    with distill_context(loaded, pattern, distiller), torch.no_grad():
         hidden, inputs = lw.embed(ids)
         lw.run_layers(hidden, inputs, 0, lw.num_layers)
         distiller.close()
 
-    for f, layers in served_layers(PATTERN).items():
+    assert sorted(distiller.targets) == full
+    for f, layers in served_layers(pattern).items():
         used = layers if objective == "multi" else [f]
         dense = torch.stack([attentions[layer].float().mean(1) for layer in used]).mean(0)  # [B, S, T]
         target, indices = distiller.targets[f]
