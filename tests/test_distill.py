@@ -184,11 +184,14 @@ def test_output_loads_in_stock_transformers_and_reproduces_the_patched_loss(dist
 def test_eval_runs_unchanged_on_the_output(distilled, tmp_path):
     rows = _token_rows(tmp_path, 2, seed=7)
     result = invoke(
-        "eval", distilled / "indexcache_pattern.json", "--model", distilled, "--dataset", rows,
+        "eval", distilled / "indexcache_pattern.json", "--dataset", rows,
         "--num-samples", 2, "--seq-len", SEQ, "--device", "cpu", "--json", tmp_path / "e.json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    rows = {r["name"]: r for r in json.loads((tmp_path / "e.json").read_text())["results"]}
+    assert "differs" not in result.output  # the pattern file names the output folder and its config
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["model"] == str(distilled.resolve())
+    rows = {r["name"]: r for r in evaluated["results"]}
     # Only F layers have indexers in the output, so its "all-F" is the pattern itself.
     assert rows["all-F"]["pattern"] == PATTERN and rows["pattern"]["loss"] == rows["all-F"]["loss"]
 

@@ -8,6 +8,7 @@ pattern; the run's record sits beside it. The folder is built in a staging folde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,18 @@ def _shards(model_dir: Path) -> dict[str, list[str]]:
     return shards
 
 
+def _pattern_for_output(pattern_data: dict, output: Path, staging: Path, pattern: str) -> dict:
+    """The input pattern file, its model now the output folder: `indexcache eval OUT/indexcache_pattern.json`
+    evaluates the distilled indexers, never silently the source model's."""
+    model = {
+        **pattern_data["model"],
+        "name": str(output.resolve()),
+        "config_sha256": hashlib.sha256((staging / "config.json").read_bytes()).hexdigest(),
+        "indexer_layers": [i for i, c in enumerate(pattern) if c == "F"],
+    }
+    return {**pattern_data, "model": model, "distilled_from": pattern_data["model"]}
+
+
 def write_checkpoint(
     model_dir: Path,
     output: Path,
@@ -126,7 +139,7 @@ def write_checkpoint(
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         write_json(staging / "config.json", config_with_pattern(config, pattern))
-        write_json(staging / PATTERN_FILE, pattern_data)
+        write_json(staging / PATTERN_FILE, _pattern_for_output(pattern_data, output, staging, pattern))
         write_json(staging / RECORD_FILE, record)
         os.replace(staging, output)
     except BaseException:
