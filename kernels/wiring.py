@@ -26,18 +26,17 @@ _ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos
 
 
 @torch.no_grad()
-def indexer_topk(
+def indexer_projections(
     indexer: nn.Module,
     rope: str,
     hidden_states: torch.Tensor,
     q_resid: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    topk: int,
-) -> torch.Tensor:
-    """The stock indexer's selection through the kernel: int32 [B, S, topk], -1 past the visible keys.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stock indexer's q [B, S, H, D], k [B, S, D] and fp32 head weights [B, S, H], before any scoring.
 
-    indexer: a `GlmMoeDsaIndexer` / `DeepseekV32Indexer` (its wq_b, wk, k_norm, weights_proj, softmax_scale, n_heads,
-    head_dim, qk_rope_head_dim); rope: "interleave" (glm_moe_dsa) or "half" (deepseek_v32), applied to the first
+    indexer: a `GlmMoeDsaIndexer` / `DeepseekV32Indexer` (its wq_b, wk, k_norm, weights_proj, n_heads, head_dim,
+    qk_rope_head_dim); rope: "interleave" (glm_moe_dsa) or "half" (deepseek_v32), applied to the first
     qk_rope_head_dim dims of q and k as the stock code does. hidden_states: [B, S, hidden], q_resid: [B, S, q_lora],
     position_embeddings: (cos, sin). Causal, no padding, no cache (prefill of a whole window).
     """
@@ -54,6 +53,23 @@ def indexer_topk(
     q = torch.cat([q_rot, q_pass], dim=-1)
     k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
     weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * n_heads**-0.5
+    return q, k, weights
+
+
+@torch.no_grad()
+def indexer_topk(
+    indexer: nn.Module,
+    rope: str,
+    hidden_states: torch.Tensor,
+    q_resid: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    topk: int,
+) -> torch.Tensor:
+    """The stock indexer's selection through the kernel: int32 [B, S, topk], -1 past the visible keys.
+
+    Arguments as `indexer_projections`, plus the number of keys to keep.
+    """
+    q, k, weights = indexer_projections(indexer, rope, hidden_states, q_resid, position_embeddings)
     return lightning_indexer_topk(q, k, weights, topk, indexer.softmax_scale)
 
 

@@ -78,6 +78,7 @@ TINY_SHAPES = {
         index_heads=8, index_dim=32, heads=8, nope=16, rope=16, v=8, latent=32, hidden=64, q_lora=32, rope_style="half"
     ),
 }
+V3_SELECT = dict(bracket=False, select_block=512, select_warps=4, bucket_cap=2048)  # v3 and its best launch (run 3)
 SECTIONS = ("ceilings", "correctness", "sweep", "sweep_attention", "indexer", "attention", "decode", "model")
 
 
@@ -257,6 +258,9 @@ class Bench:
                     ref = index_scores_reference(q, k, w, scale, key_mask)
                     rec[f"indexer_{case}"] = selection_report(got, ref, self.topk)
             n_q = 32 if self.args.tiny else 256
+            if name == "glm5":
+                with self.guard(rec.setdefault("select_chosen_scores", {})):
+                    rec["select_chosen_scores"] = self.select_chosen_scores(2 * seq)
             with self.guard(rec.setdefault("attention", {})):
                 idx = self.indices_for(shape, seq, n_q)
                 heads, dqk = shape["heads"], shape["nope"] + shape["rope"]
@@ -295,45 +299,83 @@ class Bench:
                 }
         return out
 
+    def select_chosen_scores(self, num_keys: int) -> dict:
+        """The select alone on chosen score rows (the last 256 queries of `num_keys`, causal): v4 against v3, both
+        exact with the same tie rule, so the sets must be equal; per kind of row, the fraction of equal rows.
+        Kinds: normal scores; scores rounded to 8 mantissa bits (large exact ties, many shared high halves);
+        rows whose sampled keys (8 of every 128) are the largest, or the smallest (the bracket misses)."""
+        from indexcache.kernels.indexer.kernel import topk_of_scores_triton
+        from indexcache.kernels.testing import poisoned_empty
+
+        n_q = min(256, num_keys // 2)
+        scores = torch.randn(1, n_q, num_keys, device=self.device, generator=self.gen)
+        sampled = (torch.arange(num_keys, device=self.device) % 128) < 8
+        kinds = {
+            "normal": scores,
+            "rounded_ties": (scores * 256).round() / 256,
+            "sample_high": scores + 8.0 * sampled,
+            "sample_low": scores - 8.0 * sampled,
+        }
+        keys = torch.arange(num_keys, device=self.device)
+        reach = keys[None, :] <= keys[num_keys - n_q :, None]
+        out = {}
+        for kind, sc in kinds.items():
+            sc = sc.masked_fill(~reach, float("-inf"))
+            with poisoned_empty():
+                v4 = topk_of_scores_triton(sc, self.topk, **self.select_launch())
+                v3 = topk_of_scores_triton(sc, self.topk, **{**self.select_launch(), **V3_SELECT})
+            out[kind] = (v4.sort(-1).values == v3.sort(-1).values).all(-1).float().mean().item()
+        return out
+
+    def select_launch(self) -> dict:
+        launch = self.configs.get(("indexer", "launch"), {})
+        return {k: v for k, v in launch.items() if k not in ("block_m", "block_n", "num_warps", "num_stages")}
+
     def sweep(self) -> dict:
-        """Indexer launch variants at S = 32K (tiny: 128) on the GLM-5 shape; the fastest is used afterwards."""
+        """Indexer launch variants on the GLM-5 shape: score tiles at S = 32K, then select variants at 16K and 32K
+        (tiny: 96 and 128), the one with the least summed time relative to v3 (the first) used afterwards."""
         from indexcache.kernels.indexer.kernel import lightning_indexer_topk_triton
 
-        seq = 128 if self.args.tiny else 32768
+        sizes = [96, 128] if self.args.tiny else [16384, 32768]
         out = {}
         shape = self.shapes["glm5"]
-        q, k, w = self.indexer_inputs(shape, seq)
         scale = shape["index_dim"] ** -0.5
+        inputs = {seq: self.indexer_inputs(shape, seq) for seq in sizes}
         score_variants = [
             dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
             dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
         ]
-        select_variants = [
-            dict(select_block=1024, select_warps=4),
+        select_variants = [  # v3 (radix passes on the row, its best launch in run 3), then v4 (the defaults) variants
+            V3_SELECT,
             dict(select_block=512, select_warps=4),
-            dict(select_block=1024, select_warps=8),
-            dict(select_block=2048, select_warps=8),
+            dict(select_block=1024, select_warps=4),
+            dict(select_block=256, select_warps=2),
         ]
         if self.args.tiny:
             score_variants = [dict(block_m=16, block_n=32, num_warps=1, num_stages=1)]
-            select_variants = [dict(select_block=64, select_warps=1)]
+            select_variants = [dict(select_block=64, select_warps=1, bracket=b) for b in (False, True)]
         best = None
         for variant in score_variants:
             rec = {"variant": variant}
             with self.guard(rec):
+                q, k, w = inputs[sizes[-1]]
                 rec.update(self.measure(partial(lightning_indexer_topk_triton, q, k, w, self.topk, scale, **variant)))
                 if best is None or rec["ms"] < best[1]:
                     best = (variant, rec["ms"])
             out.setdefault("indexer_tiles", []).append(rec)
         best_tiles = best[0] if best else {}
-        best = None
+        best, baseline = None, {}
         for variant in select_variants:
             rec = {"variant": variant}
             with self.guard(rec):
                 launch = {**best_tiles, **variant}
-                rec.update(self.measure(partial(lightning_indexer_topk_triton, q, k, w, self.topk, scale, **launch)))
-                if best is None or rec["ms"] < best[1]:
-                    best = (variant, rec["ms"])
+                for seq, (q, k, w) in inputs.items():
+                    t = self.measure(partial(lightning_indexer_topk_triton, q, k, w, self.topk, scale, **launch))
+                    rec[str(seq)] = t
+                    baseline.setdefault(seq, t["ms"])
+                rec["relative_to_v3"] = sum(rec[str(seq)]["ms"] / baseline[seq] for seq in sizes) / len(sizes)
+                if best is None or rec["relative_to_v3"] < best[1]:
+                    best = (variant, rec["relative_to_v3"])
             out.setdefault("indexer_select", []).append(rec)
         self.configs[("indexer", "launch")] = {**best_tiles, **(best[0] if best else {})}
         out["indexer_best"] = self.configs[("indexer", "launch")]
@@ -422,6 +464,17 @@ class Bench:
                         indexer_kernel._radix_topk_kernel = real
                     rec["select_ms"] = rec["ms"] - rec["score_ms"]
                     rec["score_tflops"] = flops / rec["score_ms"] / 1e9
+                    # The v3 select (radix passes on the row, no bracket) as the baseline of the same run.
+                    v3 = partial(_call_indexer, indexer_kernel, q, k, w, self.topk, scale, {**launch, **V3_SELECT})
+                    base = self.measure(v3)
+                    rec["v3"] = {
+                        "ms": base["ms"],
+                        "select_ms": base["ms"] - rec["score_ms"],
+                        "pct_peak": self.pct_peak(flops / base["ms"] / 1e9),
+                    }
+                    rows = min(seq, 4096)  # both selections are exact with the same tie rule: the same sets
+                    same = (run()[:, -rows:].sort(-1).values == v3()[:, -rows:].sort(-1).values).all(-1)
+                    rec["v3"]["same_sets_last_rows"] = {"rows": rows, "fraction": same.float().mean().item()}
                     rows = min(seq, 128)
                     got = run()[:, -rows:]
                     ref = index_scores_reference(q[:, -rows:], k, w[:, -rows:], scale, q_offset=seq - rows)
@@ -600,6 +653,12 @@ class Bench:
                         partial(lightning_indexer_topk_triton, q, k, w, self.topk, shape["index_dim"] ** -0.5)
                     )
                     rec["indexer"] = {**t, "gb_s": num_keys * shape["index_dim"] * 2 / t["ms"] / 1e6}
+                    t = self.measure_graph(
+                        partial(
+                            lightning_indexer_topk_triton, q, k, w, self.topk, shape["index_dim"] ** -0.5, **V3_SELECT
+                        )
+                    )
+                    rec["indexer_v3"] = {**t, "gb_s": num_keys * shape["index_dim"] * 2 / t["ms"] / 1e6}
                     idx = lightning_indexer_topk_triton(q, k, w, self.topk, shape["index_dim"] ** -0.5)
                     query = self.randn(1, heads, 1, dqk)
                     key, value = self.randn(1, heads, num_keys, dqk), self.randn(1, heads, num_keys, v_dim)
@@ -806,21 +865,28 @@ def print_table(results: dict) -> None:
                     parts.append(
                         f"{case}: rel={r['rel_err']:.1e}" + (f"/{r['mla_rel_err']:.1e}" if "mla_rel_err" in r else "")
                     )
+                elif case == "select_chosen_scores":
+                    parts.append("v4=v3 sets " + " ".join(f"{kind} {v:.3f}" for kind, v in r.items()))
                 elif "error" in r:
                     parts.append(f"{case}: {r['error'][:60]}")
             print(f"correct {name}: " + "; ".join(parts))
     idx = sections.get("indexer", {})
     if idx:
-        print("\nindexer prefill     S | ms      TFLOP/s  %peak  score_ms sel_ms  GiB   | wired_ms stock_ms stock_GiB")
+        print(
+            "\nindexer prefill     S | ms      TFLOP/s  %peak  score_ms sel_ms  GiB   | v3: ms %peak sel_ms same | "
+            "wired_ms stock_ms stock_GiB"
+        )
         for name, by_s in idx.items():
             if not isinstance(by_s, dict):
                 continue
             for seq, r in by_s.items():
-                st = r.get("stock_module", {})
+                st, v3 = r.get("stock_module", {}), r.get("v3", {})
                 print(
                     f"{name:6s} {int(seq):>12d} | {_fmt(r.get('ms'), 2):7s} {_fmt(r.get('tflops'), 0):8s} "
                     f"{_fmt(r.get('pct_peak'), 0):6s} {_fmt(r.get('score_ms'), 2):8s} {_fmt(r.get('select_ms'), 2):6s} "
-                    f"{_fmt(r.get('peak_gib'), 2):5s} | {_fmt(st.get('wired_ms'), 2):8s} "
+                    f"{_fmt(r.get('peak_gib'), 2):5s} | {_fmt(v3.get('ms'), 2)} {_fmt(v3.get('pct_peak'), 0)} "
+                    f"{_fmt(v3.get('select_ms'), 2)} {_fmt(v3.get('same_sets_last_rows', {}).get('fraction'), 3)} | "
+                    f"{_fmt(st.get('wired_ms'), 2):8s} "
                     f"{_fmt(st.get('stock_ms', st.get('stock_error')), 1):8s} {_fmt(st.get('stock_peak_gib'), 1)}"
                     + (f"  ERR {r['error'][:50]}" if "error" in r else "")
                 )
@@ -847,7 +913,7 @@ def print_table(results: dict) -> None:
                 )
     dec = sections.get("decode", {})
     if dec:
-        print("\ndecode (1 query)    T | indexer us GB/s | expanded us GB/s | absorbed us GB/s")
+        print("\ndecode (1 query)    T | indexer us GB/s (v3 us) | expanded us GB/s | absorbed us GB/s")
         for name, by_t in dec.items():
             if not isinstance(by_t, dict):
                 continue
@@ -855,7 +921,8 @@ def print_table(results: dict) -> None:
                 i, e, a = r.get("indexer", {}), r.get("expanded", {}), r.get("absorbed", {})
                 us = lambda d: _fmt(d.get("ms") * 1e3 if d.get("ms") is not None else None, 0)  # noqa: E731
                 print(
-                    f"{name:6s} {int(num_keys):>12d} | {us(i)} {_fmt(i.get('gb_s'), 0)} | {us(e)} "
+                    f"{name:6s} {int(num_keys):>12d} | {us(i)} {_fmt(i.get('gb_s'), 0)} "
+                    f"({us(r.get('indexer_v3', {}))}) | {us(e)} "
                     f"{_fmt(e.get('gb_s'), 0)} | {us(a)} {_fmt(a.get('gb_s'), 0)}"
                     + (f"  ERR {r['error'][:50]}" if "error" in r else "")
                 )

@@ -94,6 +94,7 @@ def run(
                 data,
                 Path(tmp) / f"{strategy}.json",
                 strategy,
+                cache=shape.cache,
                 device=device,
                 log=lambda m: print("  ", m),
             )
@@ -131,7 +132,8 @@ def run(
                     for a, b in zip(naive["trajectory"], r["trajectory"], strict=True)
                     for exact, cached in zip(_by_layer(a), _by_layer(b), strict=True)
                 )
-    return {**_setting(preset, num_full, ratio, shape), "versions": library_versions(), "rows": rows}
+    setting = _setting(preset, num_full, ratio, shape)
+    return {**setting, "cache": shape.cache, "versions": library_versions(), "rows": rows}
 
 
 def _by_layer(step: dict) -> list[float]:
@@ -178,6 +180,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=8192, help="gpu-glm5: tokens per window")
     parser.add_argument("--windows", type=int, default=8, help="gpu-glm5: calibration windows")
     parser.add_argument("--device", default="cuda", help="gpu-glm5: cpu for a dry run at small sizes")
+    parser.add_argument("--cache", default="auto", help="prefix cache location (indexcache search --cache)")
     parser.add_argument("--merge", type=Path, default=None, help="rows of an earlier run of the same setting")
     parser.add_argument("--keep-trajectories", action="store_true", help="keep each row's trajectory (for --merge)")
     args = parser.parse_args()

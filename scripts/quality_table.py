@@ -1,12 +1,14 @@
-"""Quality table: held-out loss of all-F, greedy, uniform and random patterns at several retention ratios,
-the same greedy and uniform patterns after `indexcache distill`, and the top-k overlap between adjacent layers
-(the statistic behind IndexCache).
+"""Quality table: held-out loss of all-F, greedy, overlap (one-forward DP), uniform and random patterns at several
+retention ratios, the greedy and uniform patterns after `indexcache distill`, and the top-k overlap between adjacent
+layers (the statistic behind IndexCache).
 
     python scripts/quality_table.py            # the shipped tiny model and calibration sample, on CPU
+    python scripts/quality_table.py ... --only-overlap   # add only the overlap rows to the committed table
+    python scripts/quality_table.py ... --distill-only   # redo only the distillation rows of the committed table
 
-The greedy pattern is searched on the calibration windows; every pattern is then scored on held-out windows
-that follow them in the same seeded order (disjoint). Distillation trains on the tiny corpus's train split
-(documents disjoint from the calibration split the other windows come from; see `train_split_file`), with the
+The greedy and overlap patterns are searched on the calibration windows; every pattern is then scored on held-out
+windows that follow them in the same seeded order (disjoint). Distillation trains on the tiny corpus's train split
+(documents disjoint from the calibration split the other windows come from; see `train_split_file`) with the
 multi-layer objective, and at one ratio each for greedy and uniform with the single-layer objective too.
 Writes scripts/results/quality_table.{json,md}.
 """
@@ -25,10 +27,12 @@ from pathlib import Path
 import torch
 
 from indexcache import api
-from indexcache.calib import DataSpec, make_windows
+from indexcache.analyze import analyze_windows
+from indexcache.calib import DataSpec, Windows, make_windows
 from indexcache.distill import distill
 from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
+from indexcache.overlap import best_pattern, retained_overlap
 from indexcache.patch import index_sharing, reference_indexer
 from indexcache.patterns.file import library_versions
 from indexcache.patterns.layout import num_full_for_ratio, random_pattern, uniform
@@ -60,6 +64,82 @@ def adjacent_overlap(lw: LayerwiseModel, arch, windows: torch.Tensor, topk: int)
         hits = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean()
         overlaps.append(round(hits.item(), 4))
     return overlaps
+
+
+def overlap_patterns(loaded, calib: Windows, ratios: list[float]) -> tuple[dict[float, str], list]:
+    """The `overlap` strategy's pattern at each ratio, from one all-F forward over the calibration windows.
+
+    The same DP over the same matrix as `search --strategy overlap` (which adds one forward per ratio to measure
+    the pattern's calibration loss; the table needs only held-out losses). Returns patterns by ratio and the matrix.
+    """
+    analysis, _ = analyze_windows(loaded, calib, 1, "reference")
+    n = loaded.num_layers
+    patterns = {r: best_pattern(analysis.overlap, num_full_for_ratio(r, n), loaded.indexer_layers) for r in ratios}
+    print(f"overlap patterns: {patterns}", flush=True)
+    return patterns, analysis.overlap
+
+
+def overlap_row(scorer: PatternScorer, ratio: float, pattern: str, matrix: list, indexer_layers: list[int]) -> dict:
+    """Held-out loss of the overlap pattern, and the calibration top-k overlap it keeps (the DP's objective)."""
+    return {
+        "ratio": ratio,
+        "kind": "overlap",
+        "pattern": pattern,
+        "loss": scorer.loss(pattern),
+        "retained_overlap": retained_overlap(pattern, matrix, indexer_layers),
+    }
+
+
+def retained_overlap_lines(report: dict) -> list[str]:
+    """Markdown: how much of the calibration top-k overlap each pattern kind keeps (what `overlap` maximises)."""
+    matrix = report["calibration_overlap_matrix"]
+    layers = [i for i, row in enumerate(matrix) if row[i] is not None]
+    lines = ["", "Top-k overlap kept (mean over layers of the calibration windows' all-F overlap; F layers count 1):"]
+    for ratio in sorted({r["ratio"] for r in report["rows"] if r["kind"] == "overlap"}, reverse=True):
+        kept = [
+            f"{r['kind']} {retained_overlap(r['pattern'], matrix, layers):.3f}"
+            for r in report["rows"]
+            if r["ratio"] == ratio and "pattern" in r and "steps" not in r  # distilled rows share their pattern
+        ]
+        lines.append(f"- 1/{round(1 / ratio)}: " + ", ".join(kept))
+    return lines
+
+
+def add_overlap_column(args) -> None:
+    """--only-overlap: score the overlap patterns on the committed table's held-out windows and merge the rows in
+    (after each ratio's greedy row), leaving every other row as measured."""
+    report = json.loads((RESULTS / "quality_table.json").read_text())
+    if report["calibration"] != {"num_samples": args.num_samples, "seq_len": args.seq_len}:
+        raise SystemExit(f"the committed table used calibration {report['calibration']}; pass the same options")
+    loaded = load_model(args.model, device="cpu")
+    eos = loaded.model.config.eos_token_id
+    calib = make_windows(
+        DataSpec(args.dataset, num_samples=args.num_samples, seq_len=args.seq_len), loaded.tokenizer, eos
+    )
+    held_out = make_windows(
+        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
+        loaded.tokenizer,
+        eos,
+        offset=args.num_samples,
+    )
+    if held_out.fingerprint != report["held_out"]["fingerprint"]:
+        raise SystemExit("the held-out windows differ from the committed table's; pass the same options")
+    ratios = sorted({r["ratio"] for r in report["rows"] if r["kind"] == "greedy"}, reverse=True)
+    patterns, matrix = overlap_patterns(loaded, calib, ratios)
+    rows = [r for r in report["rows"] if r["kind"] != "overlap"]
+    lw = LayerwiseModel(loaded.model, loaded.arch)
+    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
+        scorer = PatternScorer(lw, sharing, held_out.input_ids)
+        for ratio in ratios:
+            at = next(i for i, r in enumerate(rows) if r["ratio"] == ratio and r["kind"] == "greedy") + 1
+            rows.insert(at, overlap_row(scorer, ratio, patterns[ratio], matrix, loaded.indexer_layers))
+            print(f"ratio {ratio}: overlap scored", flush=True)
+    report.update(
+        rows=rows,
+        calibration_overlap_matrix=matrix,
+        overlap_column={"date": datetime.date.today().isoformat(), "versions": library_versions()},
+    )
+    write_report(report)
 
 
 def train_split_file(dest: Path, stdlib: Path = DEBIAN_STDLIB) -> tuple[Path, int] | None:
@@ -186,11 +266,109 @@ def distill_summary_lines(rows: list[dict], all_full: float) -> list[str]:
     return lines
 
 
-def base_rows(args, loaded, lw: LayerwiseModel, held_out) -> tuple[list[dict], dict[float, str], float]:
-    """Greedy patterns searched on the calibration windows, then all-F, greedy, uniform and random patterns
-    scored on the held-out windows. Returns (rows, {ratio: greedy pattern}, all-F loss)."""
-    n = loaded.num_layers
+def add_distill_column(args) -> None:
+    """--distill-only: redo the distillation rows on the committed table's held-out windows (its greedy patterns),
+    leaving every other row as measured."""
+    report = json.loads((RESULTS / "quality_table.json").read_text())
+    loaded = load_model(args.model, device="cpu")
+    held_out = make_windows(
+        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
+        loaded.tokenizer,
+        loaded.model.config.eos_token_id,
+        offset=args.num_samples,
+    )
+    if held_out.fingerprint != report["held_out"]["fingerprint"]:
+        raise SystemExit("the held-out windows differ from the committed table's; pass the same options")
+    rows = [r for r in report["rows"] if "steps" not in r]
+    all_full = next(r["loss"] for r in rows if r["kind"] == "all-F")
+    patterns = {(r["ratio"], r["kind"]): r["pattern"] for r in rows if r["kind"] in ("greedy", "uniform")}
+    rows += distill_rows(args, loaded, held_out, patterns, all_full)
+    report.update(rows=rows, distill_column={"date": datetime.date.today().isoformat(), "versions": library_versions()})
+    write_report(report)
+
+
+def write_report(report: dict) -> None:
+    """scripts/results/quality_table.json and the markdown table quality_table.md."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality_table.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows, calib, held_out = report["rows"], report["calibration"], report["held_out"]
+    all_full = next(r["loss"] for r in rows if r["kind"] == "all-F")
+    lines = [
+        f"Held-out loss (mean next-token NLL, {held_out['num_samples']} windows × {calib['seq_len']} tokens, disjoint "
+        f"from the {calib['num_samples']} calibration windows) of `{report['model']}`, {report['num_layers']} layers, "
+        f"top-k {report['index_topk']}; {report['date']}, `python scripts/quality_table.py`.",
+        "",
+        "| kept | pattern kind | F/S pattern | loss | Δ vs all-F |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kept = "all" if r["kind"] == "all-F" else f"1/{round(1 / r['ratio'])}"
+        if "steps" in r:
+            text = f"`{r['pattern']}` ({r['steps']} steps, {r['tokens']:,} tokens)"
+            lines.append(f"| {kept} | {r['kind']} | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+        elif r["kind"] == "random":
+            text = f"median of {r['count']} (min {r['min']:.4f}, max {r['max']:.4f})"
+            lines.append(f"| {kept} | random | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+        else:
+            lines.append(f"| {kept} | {r['kind']} | `{r['pattern']}` | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
+    lines += [
+        "",
+        "Top-k overlap between adjacent layers (all-F, queries with more than k earlier tokens): "
+        + ", ".join(f"{o:.0%}" for o in report["adjacent_topk_overlap"]),
+    ]
+    if "overlap_column" in report:
+        lines.append(
+            f"The overlap rows were added on {report['overlap_column']['date']} "
+            "(`python scripts/quality_table.py ... --only-overlap`), on the same windows."
+        )
+    if "calibration_overlap_matrix" in report:
+        lines += retained_overlap_lines(report)
+    lines += distill_summary_lines(rows, all_full)
+    if "distill_column" in report:
+        lines += [
+            "",
+            f"The distillation rows were added on {report['distill_column']['date']} "
+            "(`python scripts/quality_table.py ... --distill-only`), on the same held-out windows.",
+        ]
+    (RESULTS / "quality_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--random-patterns", type=int, default=12)
+    parser.add_argument("--ratios", default="0.5,0.25,0.125")
+    parser.add_argument("--only-overlap", action="store_true", help="add only the overlap rows to the committed table")
+    parser.add_argument("--distill-steps", type=int, default=40, help="0 skips the distillation rows")
+    parser.add_argument("--distill-seq-len", type=int, default=512)
+    parser.add_argument("--distill-windows", type=int, default=64)
+    parser.add_argument("--distill-lr", type=float, default=3e-3)
+    parser.add_argument("--distill-only", action="store_true", help="redo only the distillation rows of the table")
+    args = parser.parse_args()
+    args.single_objective = [(0.125, "greedy"), (0.25, "uniform")]
+    if args.only_overlap:
+        add_overlap_column(args)
+        return
+    if args.distill_only:
+        add_distill_column(args)
+        return
+
     calib = DataSpec(dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len)
+    loaded = load_model(args.model, device="cpu")
+    n = loaded.num_layers
+    held_out = make_windows(
+        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
+        loaded.tokenizer,
+        loaded.model.config.eos_token_id,
+        offset=args.num_samples,
+    )
+    lw = LayerwiseModel(loaded.model, loaded.arch)
+    topk = loaded.model.config.index_topk
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         greedy = {}
@@ -200,6 +378,8 @@ def base_rows(args, loaded, lw: LayerwiseModel, held_out) -> tuple[list[dict], d
             )
             greedy[ratio] = result["index_topk_pattern"]
             print(f"ratio {ratio}: greedy {greedy[ratio]} ({result['search']['seconds']:.0f} s)", flush=True)
+    calib_windows = make_windows(calib, loaded.tokenizer, loaded.model.config.eos_token_id)
+    by_overlap, matrix = overlap_patterns(loaded, calib_windows, list(greedy))
     with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
         scorer = PatternScorer(lw, sharing, held_out.input_ids)
         all_full = scorer.loss("F" * n)
@@ -207,6 +387,7 @@ def base_rows(args, loaded, lw: LayerwiseModel, held_out) -> tuple[list[dict], d
         for ratio, pattern in greedy.items():
             k = num_full_for_ratio(ratio, n)
             rows.append({"ratio": ratio, "kind": "greedy", "pattern": pattern, "loss": scorer.loss(pattern)})
+            rows.append(overlap_row(scorer, ratio, by_overlap[ratio], matrix, loaded.indexer_layers))
             uni = uniform(n, k)
             rows.append({"ratio": ratio, "kind": "uniform", "pattern": uni, "loss": scorer.loss(uni)})
             rng = random.Random(ratio)
@@ -224,60 +405,13 @@ def base_rows(args, loaded, lw: LayerwiseModel, held_out) -> tuple[list[dict], d
                 }
             )
             print(f"ratio {ratio}: scored", flush=True)
-    return rows, greedy, all_full
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--dataset", default=None)
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--eval-samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--random-patterns", type=int, default=12)
-    parser.add_argument("--ratios", default="0.5,0.25,0.125")
-    parser.add_argument("--distill-steps", type=int, default=40, help="0 skips the distillation columns")
-    parser.add_argument("--distill-seq-len", type=int, default=512)
-    parser.add_argument("--distill-windows", type=int, default=64)
-    parser.add_argument("--distill-lr", type=float, default=3e-3)
-    parser.add_argument(
-        "--distill-only",
-        action="store_true",
-        help="keep the base rows of the saved table (same held-out windows) and redo only the distillation rows",
-    )
-    args = parser.parse_args()
-    args.single_objective = [(0.125, "greedy"), (0.25, "uniform")]
-
-    loaded = load_model(args.model, device="cpu")
-    n = loaded.num_layers
-    held_out = make_windows(
-        DataSpec(dataset=args.dataset, num_samples=args.eval_samples, seq_len=args.seq_len),
-        loaded.tokenizer,
-        loaded.model.config.eos_token_id,
-        offset=args.num_samples,
-    )
-    lw = LayerwiseModel(loaded.model, loaded.arch)
-    topk = loaded.model.config.index_topk
-    if args.distill_only:
-        # The base rows (and greedy patterns) of the last full run on the same held-out windows.
-        report = json.loads((RESULTS / "quality_table.json").read_text())
-        if report["held_out"]["fingerprint"] != held_out.fingerprint:
-            raise SystemExit("--distill-only: the saved table was scored on other held-out windows; run it whole")
-        rows = [r for r in report["rows"] if "steps" not in r]
-        all_full = next(r["loss"] for r in rows if r["kind"] == "all-F")
-        greedy = {r["ratio"]: r["pattern"] for r in rows if r["kind"] == "greedy"}
-    else:
-        rows, greedy, all_full = base_rows(args, loaded, lw, held_out)
     if args.distill_steps > 0:
         patterns = {}
         for ratio, pattern in greedy.items():
             patterns[(ratio, "greedy")] = pattern
             patterns[(ratio, "uniform")] = uniform(n, num_full_for_ratio(ratio, n))
         rows += distill_rows(args, loaded, held_out, patterns, all_full)
-    if args.distill_only:
-        overlap = report["adjacent_topk_overlap"]
-    else:
-        overlap = adjacent_overlap(lw, loaded.arch, held_out.input_ids[:2], topk)
+    overlap = adjacent_overlap(lw, loaded.arch, held_out.input_ids[:2], topk)
     report = {
         "date": datetime.date.today().isoformat(),
         "model": loaded.name,
@@ -288,35 +422,9 @@ def main() -> None:
         "versions": library_versions(),
         "rows": rows,
         "adjacent_topk_overlap": overlap,
+        "calibration_overlap_matrix": matrix,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality_table.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"Held-out loss (mean next-token NLL, {args.eval_samples} windows × {args.seq_len} tokens, disjoint from the "
-        f"{args.num_samples} calibration windows) of `{loaded.name}`, {n} layers, top-k {topk}; "
-        f"{report['date']}, `python scripts/quality_table.py`.",
-        "",
-        "| kept | pattern kind | F/S pattern | loss | Δ vs all-F |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        kept = "all" if r["kind"] == "all-F" else f"1/{round(1 / r['ratio'])}"
-        if "steps" in r:
-            text = f"`{r['pattern']}` ({r['steps']} steps, {r['tokens']:,} tokens)"
-            lines.append(f"| {kept} | {r['kind']} | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
-        elif r["kind"] == "random":
-            text = f"median of {r['count']} (min {r['min']:.4f}, max {r['max']:.4f})"
-            lines.append(f"| {kept} | random | {text} | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
-        else:
-            lines.append(f"| {kept} | {r['kind']} | `{r['pattern']}` | {r['loss']:.4f} | {r['loss'] - all_full:+.4f} |")
-    lines += distill_summary_lines(rows, all_full)
-    lines += [
-        "",
-        "Top-k overlap between adjacent layers (all-F, queries with more than k earlier tokens): "
-        + ", ".join(f"{o:.0%}" for o in overlap),
-    ]
-    (RESULTS / "quality_table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(report)
 
 
 if __name__ == "__main__":

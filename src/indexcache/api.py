@@ -11,12 +11,11 @@ import torch
 
 from . import defaults
 from .atomic import write_json
-from .backends import select_backend
+from .backends import kernels_installed
 from .calib import DataSpec, Windows, make_windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .models import LoadedModel, load_model
-from .patch import index_sharing
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
 from .scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
@@ -24,11 +23,16 @@ from .search import Observer, SearchState, block_starts, greedy_search, initial_
 
 
 @contextmanager
-def _calibration_context(loaded: LoadedModel, kernels: str):
-    """No grad, eval mode, the F/S patch and the chosen kernels, for one loaded model."""
+def _calibration_context(loaded: LoadedModel, kernels: str, seq_len: int | None = None):
+    """No grad, eval mode, the F/S patch and the chosen kernels (for windows of `seq_len` tokens), for one model."""
     lw = LayerwiseModel(loaded.model, loaded.arch)
-    backend, indexer_fn, attn = select_backend(loaded.arch, lw.input_device, kernels)
-    with torch.inference_mode(), index_sharing(loaded.model, loaded.arch, None, indexer_fn, attn) as state:
+    with (
+        torch.inference_mode(),
+        kernels_installed(loaded.model, loaded.arch, lw.input_device, kernels, seq_len) as (
+            state,
+            backend,
+        ),
+    ):
         yield lw, state, backend
 
 
@@ -109,6 +113,11 @@ def search(
     output = Path(output)
     _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
     state_path = search_state_path(output)
+    if strategy == "overlap":
+        from .overlap_search import search_by_overlap
+
+        load = (model, dtype, device, device_map, tokenizer)
+        return search_by_overlap(load, ratio, num_full, data, output, blocks, resume, batch_size, kernels, log)
     if resume and not state_path.exists():
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 
@@ -126,7 +135,7 @@ def search(
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
 
-    with _calibration_context(loaded, kernels) as (lw, sharing, backend):
+    with _calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
         scorer = _make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
@@ -270,7 +279,7 @@ def evaluate(
         log("note: the model's config.json differs from the one the pattern was searched on")
     windows = make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id, offset=offset)
     rows = []
-    with _calibration_context(loaded, kernels) as (lw, sharing, _):
+    with _calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
         scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)
         for name, pattern in _named_patterns(data_file, loaded.indexer_layers):
             rows.append(

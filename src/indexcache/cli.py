@@ -77,6 +77,7 @@ Dtype = typer.Option(defaults.DTYPE, help="auto (bf16 on GPU, fp32 on CPU), bf16
 Device = typer.Option(defaults.DEVICE, help="auto, cpu, cuda or cuda:N.")
 DeviceMap = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs (accelerate).")
 Tokenizer = typer.Option(None, help="Tokenizer folder, when the checkpoint has none.")
+PlotPath = typer.Option(None, "--plot", help="Also draw the pattern (and its trajectory or losses) to this PNG.")
 
 
 class _RichObserver:
@@ -122,7 +123,9 @@ def search(
     num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of calibration windows."),
     seq_len: int = SeqLen,
     seed: int = Seed,
-    strategy: str = typer.Option(defaults.STRATEGY, help="naive, cached (prefix reuse, same answer) or pruned."),
+    strategy: str = typer.Option(
+        defaults.STRATEGY, help="naive, cached (prefix reuse, same answer), pruned, or overlap (one all-F forward)."
+    ),
     blocks: int | None = typer.Option(None, help="Pipeline stages: force the first layer of each of P blocks F."),
     resume: bool = typer.Option(False, help="Continue the search saved beside --output."),
     batch_size: int = BatchSize,
@@ -133,6 +136,7 @@ def search(
     device: str = Device,
     device_map: str | None = DeviceMap,
     tokenizer: str | None = Tokenizer,
+    plot: Path | None = PlotPath,
 ):
     """Greedy search for the F/S pattern with the lowest calibration loss; writes a pattern JSON."""
     from . import api
@@ -179,6 +183,10 @@ def search(
         highlight=False,
         soft_wrap=True,
     )
+    if plot is not None:
+        from .plot import plot_pattern_file
+
+        plot_pattern_file(output, plot)
 
 
 @app.command("eval")
@@ -203,6 +211,7 @@ def eval_(
     device_map: str | None = DeviceMap,
     tokenizer: str | None = Tokenizer,
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+    plot: Path | None = PlotPath,
 ):
     """Held-out loss of the pattern vs all-F and the uniform interleave with the same number of F layers."""
     from . import api
@@ -243,6 +252,56 @@ def eval_(
             f"{r['perplexity']:.3f}",
         )
     out.print(table)
+    if plot is not None:
+        from .patterns import file as pattern_file
+        from .plot import pattern_figure, save_png
+
+        save_png(pattern_figure(pattern_file.read(pattern), {"results": rows}), plot)
+
+
+@app.command()
+@friendly_errors
+def analyze(
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write analysis.json and overlap.png into."),
+    model: str | None = Model,
+    dataset: str | None = Dataset,
+    dataset_config: str | None = DatasetConfig,
+    split: str = Split,
+    text_column: str = TextColumn_,
+    num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of calibration windows."),
+    seq_len: int = SeqLen,
+    seed: int = Seed,
+    batch_size: int = BatchSize,
+    kernels: str = Kernels,
+    dtype: str = Dtype,
+    device: str = Device,
+    device_map: str | None = DeviceMap,
+    tokenizer: str | None = Tokenizer,
+):
+    """One all-F forward: the layers' top-k overlap matrix and indexer score entropy, as JSON and a heatmap."""
+    from .analyze import ANALYSIS_JSON, OVERLAP_PNG
+    from .analyze import analyze as run_analysis
+
+    data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+    result = run_analysis(output, model, data, batch_size, kernels, dtype, device, device_map, tokenizer)
+    adjacent = [result["overlap"][i][i + 1] for i in range(len(result["overlap"]) - 1)]
+    shown = ", ".join("–" if v is None else f"{v:.0%}" for v in adjacent)
+    out.print(f"adjacent-layer top-k overlap: {shown}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {output / ANALYSIS_JSON} and {output / OVERLAP_PNG}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def plot(
+    pattern: Path = typer.Argument(..., help="Pattern JSON written by `indexcache search`."),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG to write."),
+    eval_json: Path | None = typer.Option(None, "--eval", help="JSON written by `indexcache eval --json`."),
+):
+    """Draw a pattern: F/S strip, greedy trajectory, and with --eval the pattern vs all-F vs uniform losses."""
+    from .plot import plot_pattern_file
+
+    plot_pattern_file(pattern, output, eval_json)
+    out.print(f"wrote {output}", highlight=False)
 
 
 @app.command()
@@ -259,6 +318,10 @@ def apply(
     path = apply_pattern(pattern, model, output, copy)
     out.print(f"wrote {path} (config.json carries index_topk_pattern; weights {'copied' if copy else 'linked'})")
 
+
+from .bench_command import bench as _bench  # noqa: E402  (the command's body lives in its own module)
+
+app.command("bench")(friendly_errors(_bench))
 
 from .distill_cli import distill as _distill  # noqa: E402  (it reuses the options defined above)
 

@@ -8,13 +8,21 @@ SPLIT = "train"
 TEXT_COLUMN = "text"
 BATCH_SIZE = 1
 STRATEGY = "cached"
-STRATEGIES = ("naive", "cached", "pruned")
+STRATEGIES = ("naive", "cached", "pruned", "overlap")
 CACHE = "auto"
 PRUNE_KEEP = 0.5
 KERNELS = "auto"
 DTYPE = "auto"
 DEVICE = "auto"
 OUTPUT = "pattern.json"
+# `--kernels auto` on CUDA: windows shorter than this run stock transformers with sdpa, longer ones the Triton
+# kernels with absorbed MLA attention. Measured crossover (scripts/results/bench_model_H100_2026-11-25.json,
+# section "crossover", all-F per layer, H100): GLM-5 shapes sdpa/Triton 0.90× at 1K, 1.18× at 2K; DeepSeek-V3.2
+# 0.76× at 1K, 1.01× at 2K. Triton is at least as fast from 2K on for both.
+TRITON_MIN_SEQ_LEN = 2048
+BENCH_CONTEXTS = "32768,131072"
+BENCH_LAYERS = 4
+BENCH_REPS = 3
 DISTILL_LR = 1e-3
 DISTILL_OBJECTIVE = "multi"
 DISTILL_NUM_SAMPLES = 64  # training windows (default data: the pattern's calibration source, past held-out)

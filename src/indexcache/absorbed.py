@@ -1,0 +1,173 @@
+"""Absorbed MLA attention for DSA layers (FlashMLA's layout), installed in place of transformers' attention forward.
+
+transformers' GLM-5 / DeepSeek-V3.2 attention expands the 512-dim latent into per-head keys and values
+(`expand_kv`) before calling an attention function: the sparse kernel then gathers H·(Dqk + Dv) values per
+selected key, one FLOP per gathered byte. Absorbing `kv_b_proj` moves that projection onto the queries and the
+output instead: with k_h = [W_uk_h · c | k_rope] and v_h = W_uv_h · c,
+
+    q_h · k_h = (q_nope_h · W_uk_h) · c + q_rope_h · k_rope      softmax(...) · v_h = W_uv_h · (softmax(...) · c)
+
+so every head attends to the same 576-dim latent row per token (`sparse_mla_attention`) and the per-head values
+come from one small matmul after it. W_uk and W_uv are cut out of `kv_b_proj` once, when the forward is installed;
+an FP8 block-quantised `kv_b_proj` (transformers' `FP8Linear`: float8 weight + `weight_scale_inv` per block) is
+dequantised there.
+
+`absorbed_attention(model, arch)` installs the forward on every layer for the duration of a `with` block; the
+layer's indexer (an `index_sharing` switch on F and S layers) still decides the indices. Prefill only (no cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from .errors import IndexCacheError
+from .models import DsaArchitecture
+
+# Queries per sparse-attention call: bounds the latent query/output tensors ([chunk, H, 512] each) to 1 GiB in
+# bf16, whatever the window length. A chunk is still ≥ 8K queries at 128 heads (≥ 16K kernel programs).
+_QUERY_CHUNK_ELEMENTS = 2**29
+
+
+@dataclass(frozen=True)
+class _Family:
+    rope: Callable  # the attention's RoPE (both families rotate interleaved pairs in the MLA attention)
+    returns_indices: bool  # glm_moe_dsa layers return (output, weights, top-k indices)
+
+
+def _families() -> dict[str, _Family]:
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as dsv
+    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
+
+    return {
+        "glm_moe_dsa": _Family(glm.apply_rotary_pos_emb_interleave, returns_indices=True),
+        "deepseek_v32": _Family(dsv.apply_rotary_pos_emb_interleave, returns_indices=False),
+    }
+
+
+def supports(arch: DsaArchitecture) -> bool:
+    """Whether `absorbed_attention` knows this family's attention layer."""
+    return arch.model_type in _families()
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight [out, in] in fp32, dequantised when it is transformers' fine-grained FP8.
+
+    FP8: `weight` float8 [out, in] and `weight_scale_inv` fp32 (or UE8M0) [ceil(out/b0), ceil(in/b1)] for
+    `block_size` (b0, b1), or one scale (per-tensor); the real weight is weight · scale of its block.
+    """
+    weight = linear.weight
+    scale = getattr(linear, "weight_scale_inv", None)
+    if scale is None:
+        return weight.detach().float()
+    if not weight.is_floating_point() or weight.element_size() != 1:
+        raise IndexCacheError(f"cannot absorb a {weight.dtype} quantised kv_b_proj; only FP8 block scales are known")
+    weight, scale = weight.detach().float(), scale.detach().float()
+    block = getattr(linear, "block_size", None)
+    if scale.numel() == 1:
+        return weight * scale.reshape(())
+    if block is None:
+        raise IndexCacheError("FP8 kv_b_proj has block scales but no block_size")
+    rows, cols = weight.shape
+    per_element = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight * per_element
+
+
+@dataclass(frozen=True)
+class AbsorbedWeights:
+    """One layer's `kv_b_proj` split per head: w_uk [H, nope, Dc] (keys), w_uv [H, Dv, Dc] (values)."""
+
+    w_uk: torch.Tensor
+    w_uv: torch.Tensor
+
+    @classmethod
+    def of(cls, attn: nn.Module) -> AbsorbedWeights:
+        nope, v_dim = attn.qk_nope_head_dim, attn.v_head_dim
+        dtype = attn.kv_a_layernorm.weight.dtype  # the activations' dtype; norms are never quantised
+        kv_b = dense_weight(attn.kv_b_proj).view(attn.num_heads, nope + v_dim, attn.kv_lora_rank)
+        return cls(kv_b[:, :nope].to(dtype).contiguous(), kv_b[:, nope:].to(dtype).contiguous())
+
+
+def absorbed_forward(
+    attn: nn.Module,
+    weights: AbsorbedWeights,
+    family: _Family,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    cache=None,
+    position_ids: torch.Tensor | None = None,
+    prev_topk_indices: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The attention layer's forward with the absorbed latent kernel: hidden [B, S, hidden] -> [B, S, hidden].
+
+    Same projections, norms and RoPE as transformers' layer; the indices come from the layer's indexer (or, on a
+    stock glm_moe_dsa "shared" layer, `prev_topk_indices`). Returns what the family's layer returns.
+    """
+    from .kernels.sparse_attention import sparse_mla_attention
+
+    if cache is not None:
+        raise IndexCacheError("absorbed MLA attention runs prefill only; call the model with use_cache=False")
+    batch, seq_len, _ = hidden_states.shape
+    n_heads, nope, rope_dim = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    latent_dim, v_dim = attn.kv_lora_rank, attn.v_head_dim
+
+    q_resid = attn.q_a_layernorm(attn.q_a_proj(hidden_states))
+    q_nope, q_rot = attn.q_b_proj(q_resid).view(batch, seq_len, n_heads, -1).split([nope, rope_dim], dim=-1)
+    kv_pass, k_rot = attn.kv_a_proj_with_mqa(hidden_states).split([latent_dim, rope_dim], dim=-1)
+    kv_latent = attn.kv_a_layernorm(kv_pass).contiguous()  # [B, T, Dc]: keys and values of every head
+    cos, sin = position_embeddings
+    q_rot, k_rot = family.rope(q_rot, k_rot.view(batch, seq_len, 1, rope_dim), cos, sin, unsqueeze_dim=2)
+    k_rot = k_rot.squeeze(2).contiguous()  # [B, T, Dr]
+
+    if attn.indexer is not None:
+        mask = attention_mask[:, 0, :, :] if attention_mask is not None else None
+        indices = attn.indexer(hidden_states, q_resid, position_embeddings, mask, position_ids, cache=None)
+    elif prev_topk_indices is not None:
+        indices = prev_topk_indices
+    else:
+        raise IndexCacheError(f"layer {attn.layer_idx} shares top-k indices but no earlier layer passed any")
+    # A stock indexer fills rows with fewer than k visible keys with future ones, which its masked attention then
+    # hides; the sparse kernel attends to every index it gets, so drop them: query i sees keys j ≤ i (prefill).
+    query_pos = torch.arange(seq_len, device=indices.device)[None, :, None]
+    indices = torch.where(indices <= query_pos, indices, -1)
+
+    out = hidden_states.new_empty(batch, seq_len, n_heads * v_dim)
+    chunk = max(1, _QUERY_CHUNK_ELEMENTS // (batch * n_heads * latent_dim))
+    for start in range(0, seq_len, chunk):
+        stop = min(seq_len, start + chunk)
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope[:, start:stop], weights.w_uk).contiguous()
+        latent_out = sparse_mla_attention(
+            q_latent, q_rot[:, start:stop].contiguous(), kv_latent, k_rot, indices[:, start:stop], attn.scaling
+        )  # [B, c, H, Dc]
+        out[:, start:stop] = torch.einsum("bshc,hvc->bshv", latent_out, weights.w_uv).flatten(2)
+    output = attn.o_proj(out)
+    return (output, None, indices) if family.returns_indices else (output, None)
+
+
+@contextmanager
+def absorbed_attention(model: nn.Module, arch: DsaArchitecture, enabled: bool = True) -> Iterator[bool]:
+    """Every DSA attention layer of `model` runs `absorbed_forward` inside the block; the stock forward after it.
+
+    Yields whether it installed anything: nothing when disabled or when the family is not one it knows (then
+    the registered sparse attention over transformers' expanded keys keeps working as before).
+    """
+    families = _families()
+    if not enabled or arch.model_type not in families:
+        yield False
+        return
+    family = families[arch.model_type]
+    attns = [arch.attention(layer) for layer in arch.layers(model)]
+    try:
+        for attn in attns:
+            attn.forward = partial(absorbed_forward, attn, AbsorbedWeights.of(attn), family)
+        yield True
+    finally:
+        for attn in attns:
+            attn.__dict__.pop("forward", None)

@@ -1,0 +1,240 @@
+"""`indexcache analyze`: which layers select alike. One all-F forward over the calibration windows records
+
+- the N × N top-k overlap matrix: `overlap[i][j]` = fraction of layer j's selected keys that layer i also selects,
+  averaged over every query position with more than k candidate keys (earlier positions keep all they see);
+- each layer's indexer score entropy: the entropy (nats) of the softmax over a query's visible index scores,
+  averaged over the same positions, also divided by log(visible keys) so 1 means flat and 0 one key;
+- the all-F calibration loss.
+
+Memory: a pairwise statistic from one forward needs every layer's selection of the same window alive until the
+last layer has run, so the selections of the current batch are kept, sorted, for positions ≥ k:
+N × batch × (S − k) × k int32 (one 8K window of a 78-layer model at k = 2048: 5 GB; use batch size 1). Each
+comparison and each entropy chunk is O(S·k) or chunk × H × T; no S × T tensor is kept across layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import defaults
+from .atomic import write_json
+from .backends import kernels_installed
+from .calib import DataSpec, Windows, make_windows
+from .errors import IndexCacheError
+from .forward import LayerwiseModel
+from .kernels.indexer import index_scores_reference
+from .kernels.wiring import indexer_projections
+from .models import LoadedModel, load_model
+from .patch import IndexerFn
+from .patterns import file as pattern_file
+
+ANALYSIS_JSON = "analysis.json"
+OVERLAP_PNG = "overlap.png"
+# Queries whose scores are formed at once for the entropy: chunk · H · T fp32 values, never S · H · T.
+_ENTROPY_CHUNK_ELEMENTS = 1 << 24
+
+
+def overlap_counts(a_sorted: torch.Tensor, b_sorted: torch.Tensor) -> torch.Tensor:
+    """|A ∩ B| per row, fp64 [...]; both int [..., k], each row sorted and free of duplicates. O(rows · k log k)."""
+    b_on_a = b_sorted.to(a_sorted.device)
+    at = torch.searchsorted(a_sorted, b_on_a).clamp_(max=a_sorted.shape[-1] - 1)
+    return (a_sorted.gather(-1, at) == b_on_a).sum(-1, dtype=torch.float64)
+
+
+def entropy_sums(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, softmax_scale: float, first: int
+) -> tuple[float, float]:
+    """Summed softmax entropy (nats) of the index scores, and of it over log(visible keys), for queries ≥ `first`.
+
+    q: [B, S, H, D], k: [B, S, D], weights: [B, S, H]; causal prefill. Scored `chunk` queries at a time.
+    """
+    batch, seq_len, n_heads, _ = q.shape
+    chunk = max(1, _ENTROPY_CHUNK_ELEMENTS // max(1, batch * n_heads * seq_len))
+    nats = normalised = 0.0
+    for start in range(first, seq_len, chunk):
+        stop = min(seq_len, start + chunk)
+        scores = index_scores_reference(q[:, start:stop], k, weights[:, start:stop], softmax_scale, q_offset=start)
+        entropy = torch.special.entr(scores.softmax(-1)).sum(-1, dtype=torch.float64)  # [B, chunk]
+        visible = torch.arange(start + 1, stop + 1, device=entropy.device, dtype=torch.float64)
+        nats += float(entropy.sum())
+        normalised += float((entropy / visible.log()).sum())
+    return nats, normalised
+
+
+class SelectionRecorder:
+    """An `IndexerFn` that runs the backend's indexer (given by `around`) and records what each F layer selects.
+
+    Call `end_batch()` after every forward: it drops the batch's selections (the sums stay).
+    """
+
+    def __init__(self, rope: str, num_layers: int, topk: int):
+        self.compute: IndexerFn | None = None
+        self.rope = rope
+        self.topk = topk
+        self.shared_keys = torch.zeros(num_layers, num_layers, dtype=torch.float64)  # Σ |A_i ∩ A_j| over positions
+        self.entropy = torch.zeros(num_layers, dtype=torch.float64)
+        self.entropy_normalised = torch.zeros(num_layers, dtype=torch.float64)
+        self.positions = 0
+        self._batch: dict[int, torch.Tensor] = {}  # layer → sorted int [B, S - k, k]
+
+    def __call__(self, indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache):
+        indices = self.compute(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache)
+        layer, k = indexer.layer_idx, self.topk
+        selected = indices[:, k:].sort(-1).values  # positions ≥ k see more than k keys: a real choice
+        for other, earlier in self._batch.items():
+            shared = float(overlap_counts(earlier, selected).sum())
+            self.shared_keys[other, layer] += shared
+            self.shared_keys[layer, other] += shared
+        self.shared_keys[layer, layer] += selected.shape[0] * selected.shape[1] * k
+        self._batch[layer] = selected
+        q, keys, weights = indexer_projections(indexer, self.rope, hidden_states, q_resid, position_embeddings)
+        nats, normalised = entropy_sums(q, keys, weights, indexer.softmax_scale, k)
+        self.entropy[layer] += nats
+        self.entropy_normalised[layer] += normalised
+        return indices
+
+    def around(self, compute: IndexerFn) -> SelectionRecorder:
+        """Record around `compute` (the `wrap_indexer` hook of `kernels_installed`)."""
+        self.compute = compute
+        return self
+
+    def end_batch(self) -> None:
+        if self._batch:
+            first = next(iter(self._batch.values()))
+            self.positions += first.shape[0] * first.shape[1]
+        self._batch.clear()
+
+
+@dataclass
+class Analysis:
+    """What one all-F forward measured. Lists are indexed by layer; None where a layer has no indexer.
+
+    Attributes:
+        overlap: N × N, fraction of layer j's top-k that layer i also selects (row i, column j).
+        entropy, entropy_normalised: per-layer mean indexer score entropy (nats, and over log(visible keys)).
+        positions: query positions averaged (windows × (S − k)).
+    """
+
+    overlap: list[list[float | None]]
+    entropy: list[float | None]
+    entropy_normalised: list[float | None]
+    positions: int
+    loss_all_full: float
+    layer_forwards: int
+
+
+def matrix_sha256(overlap: list[list[float | None]]) -> str:
+    """Fingerprint of an overlap matrix as written to JSON (pattern files record it)."""
+    return hashlib.sha256(json.dumps(overlap).encode()).hexdigest()
+
+
+@torch.no_grad()
+def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kernels: str) -> tuple[Analysis, str]:
+    """Run every indexer layer F over `windows` ([W, S], S > k), batch by batch; returns the analysis and backend."""
+    n, topk = loaded.num_layers, loaded.model.config.index_topk
+    seq_len = windows.input_ids.shape[1]
+    if seq_len <= topk:
+        raise IndexCacheError(
+            f"--seq-len {seq_len} is not above the model's top-k ({topk}): every layer would select every key, "
+            "so the overlap says nothing; raise --seq-len"
+        )
+    if batch_size < 1:
+        raise IndexCacheError(f"--batch-size {batch_size} must be at least 1")
+    lw = LayerwiseModel(loaded.model, loaded.arch)
+    recorder = SelectionRecorder(loaded.arch.indexer_rope, n, topk)
+    nll, layer_forwards = 0.0, 0
+    device = lw.input_device
+    install = kernels_installed(loaded.model, loaded.arch, device, kernels, seq_len, wrap_indexer=recorder.around)
+    with torch.inference_mode(), install as (_, backend):
+        for ids in windows.input_ids.split(batch_size):
+            hidden, inputs = lw.embed(ids)
+            hidden = lw.run_layers(hidden, inputs, 0, n)
+            nll += float(lw.nll_sum(hidden, ids).sum())
+            layer_forwards += n * ids.shape[0]
+            recorder.end_batch()
+    loss = nll / (windows.input_ids.shape[0] * (seq_len - 1))
+    if not torch.isfinite(torch.tensor(loss)):
+        raise IndexCacheError(f"the all-F calibration loss is {loss}: the model or the --dtype gives non-finite logits")
+    have = set(loaded.indexer_layers)
+    positions = recorder.positions
+    shared = (recorder.shared_keys / (positions * topk)).tolist()
+    overlap = [[shared[i][j] if i in have and j in have else None for j in range(n)] for i in range(n)]
+    mean = lambda sums: [float(sums[i]) / positions if i in have else None for i in range(n)]
+    analysis = Analysis(
+        overlap, mean(recorder.entropy), mean(recorder.entropy_normalised), positions, loss, layer_forwards
+    )
+    return analysis, backend
+
+
+def model_record(loaded: LoadedModel) -> dict:
+    """The `model` block of pattern and analysis files."""
+    return {
+        "name": loaded.name,
+        "model_type": loaded.arch.model_type,
+        "config_sha256": loaded.config_sha256,
+        "num_layers": loaded.num_layers,
+        "index_topk": getattr(loaded.model.config, "index_topk", None),
+        "indexer_layers": loaded.indexer_layers,
+    }
+
+
+def analyze(
+    output_dir: str | Path,
+    model: str | None = None,
+    data: DataSpec | Windows | None = None,
+    batch_size: int = defaults.BATCH_SIZE,
+    kernels: str = defaults.KERNELS,
+    dtype: str = defaults.DTYPE,
+    device: str = defaults.DEVICE,
+    device_map: str | None = None,
+    tokenizer: str | None = None,
+    plot: bool = True,
+) -> dict:
+    """Writes `analysis.json` (and the heatmap `overlap.png` unless `plot=False`) into `output_dir`; returns it."""
+    output_dir = Path(output_dir)
+    if output_dir.is_file():
+        raise IndexCacheError(f"output {output_dir} is a file; give a folder to write analysis.json and overlap.png")
+    loaded = load_model(model, dtype, device, device_map, tokenizer)
+    data = data or DataSpec()
+    windows = (
+        data if isinstance(data, Windows) else make_windows(data, loaded.tokenizer, loaded.model.config.eos_token_id)
+    )
+    started = time.perf_counter()
+    analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)
+    result = {
+        "description": (
+            f"Top-k overlap between the layers of {loaded.name} (all layers F): overlap[i][j] is the fraction of "
+            "layer j's selected keys that layer i also selects, over query positions with more than k candidates; "
+            "entropy is the mean softmax entropy of each layer's index scores"
+        ),
+        "model": model_record(loaded),
+        "calibration": windows.describe(),
+        "overlap": analysis.overlap,
+        "overlap_sha256": matrix_sha256(analysis.overlap),
+        "entropy": analysis.entropy,
+        "entropy_normalised": analysis.entropy_normalised,
+        "positions": analysis.positions,
+        "loss_all_full": analysis.loss_all_full,
+        "layer_forwards": analysis.layer_forwards,
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": str(LayerwiseModel(loaded.model, loaded.arch).input_device),
+        "dtype": str(loaded.model.dtype).replace("torch.", ""),
+        "kernels": backend,
+        "batch_size": batch_size,
+        "versions": pattern_file.library_versions(),
+    }
+    figure = None
+    if plot:
+        from .plot import overlap_figure, save_png
+
+        figure = overlap_figure(result)  # drawn before anything is written: a failure leaves no partial output
+    write_json(output_dir / ANALYSIS_JSON, result)
+    if figure is not None:
+        save_png(figure, output_dir / OVERLAP_PNG)
+    return result

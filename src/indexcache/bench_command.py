@@ -1,0 +1,149 @@
+"""The `indexcache bench` command: options, model/config resolution, the rich table and the JSON rows."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import defaults
+from .atomic import write_json
+from .errors import IndexCacheError
+
+out = Console()
+
+
+def parse_contexts(text: str) -> list[int]:
+    try:
+        contexts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise IndexCacheError(f"--context {text} is not a comma-separated list of token counts") from None
+    if not contexts or min(contexts) < 2:
+        raise IndexCacheError(f"--context {text}: give one or more window lengths of at least 2 tokens")
+    return contexts
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        if not torch.cuda.is_available():
+            raise IndexCacheError(
+                "no CUDA GPU is visible: indexcache bench times GPU prefill (--device cpu smoke-runs the reference "
+                "path on tiny models only)"
+            )
+        device = "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise IndexCacheError(f"--device {device} was asked for but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def run_bench(
+    pattern_path: Path | None,
+    model: str | None,
+    contexts: str,
+    layers: int,
+    ratio: float,
+    weights: bool,
+    kernels: str,
+    dtype: str,
+    device: str,
+    reps: int,
+    json_path: Path | None,
+) -> list[dict]:
+    """Checks every option before anything is built; returns the rows (also written to `json_path`)."""
+    from transformers import AutoConfig
+
+    from .bench import bench, build_stack, named_patterns
+    from .models.loading import embedded_model_path, resolve_dtype
+    from .patterns import file as pattern_file
+
+    context_list = parse_contexts(contexts)
+    if layers < 2:
+        raise IndexCacheError(f"--layers {layers} must be at least 2 (an F and an S layer are timed)")
+    if reps < 1:
+        raise IndexCacheError(f"--reps {reps} must be at least 1")
+    if json_path is not None and json_path.is_dir():
+        raise IndexCacheError(f"--json {json_path} is a folder; give the JSON file to write")
+    data = pattern_file.read(pattern_path) if pattern_path is not None else None
+    if model is None and data is not None and not str(data["model"].get("name", "")).startswith("embedded:"):
+        model = data["model"].get("name")
+    name = model or str(embedded_model_path())
+    if not Path(name).expanduser().exists():
+        raise IndexCacheError(f"model path {name} does not exist; give a checkpoint folder with --model")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as exc:
+        raise IndexCacheError(f"could not read the model config of {name}: {str(exc).splitlines()[0]}") from exc
+    num_layers = config.num_hidden_layers
+    if data is not None:
+        pattern_file.check_matches(data, getattr(config, "model_type", None), num_layers, name)
+    if not 0.0 < ratio <= 1.0:
+        raise IndexCacheError(f"--ratio {ratio} is outside (0, 1]")
+    patterns = named_patterns(num_layers, data["index_topk_pattern"] if data else None, ratio)
+    dev = _device(device)
+    torch_dtype = resolve_dtype(dtype, dev.type)
+
+    stack = build_stack(config, min(layers, num_layers), dev, torch_dtype, name if weights else None)
+    rows = bench(stack, context_list, patterns, dev, kernels, reps)
+    if json_path is not None:
+        write_json(
+            json_path,
+            {
+                "model": name,
+                "model_type": config.model_type,
+                "layers_timed": min(layers, num_layers),
+                "weights": "checkpoint" if weights else "random, dense MLP",
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "dtype": str(torch_dtype).replace("torch.", ""),
+                "date": datetime.date.today().isoformat(),
+                "versions": pattern_file.library_versions(),
+                "rows": rows,
+            },
+        )
+    return rows
+
+
+def print_rows(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("context", "", "F", "backend", "ms/layer", "idx/attn/rest ms", "tokens/s", "peak GiB", "× all-F"):
+        table.add_column(col, justify="left" if col in ("", "backend") else "right")
+    table.add_column("prefill (projected)", justify="right")
+    for r in rows:
+        split = r["split_ms_per_layer"]
+        table.add_row(
+            f"{r['context']:,}",
+            r["name"],
+            f"{r['num_full']}/{r['num_layers']}",
+            r["backend"],
+            f"{r['ms_per_layer']:.2f}",
+            f"{split['indexer']:.1f}/{split['attention']:.1f}/{split['rest']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+            f"{r['speedup_vs_all_f']:.2f}×",
+            f"{r['projected_prefill_s']:.2f} s",
+        )
+    out.print(table)
+
+
+def bench(
+    pattern: Path | None = typer.Argument(None, help="Pattern JSON (default: the uniform pattern at --ratio)."),
+    model: str | None = typer.Option(None, "--model", help="Checkpoint folder (default: the pattern's model)."),
+    context: str = typer.Option(defaults.BENCH_CONTEXTS, help="Comma-separated prefill lengths in tokens."),
+    layers: int = typer.Option(defaults.BENCH_LAYERS, help="Decoder layers built and timed (K)."),
+    ratio: float = typer.Option(defaults.RATIO, help="Without a pattern file: fraction of F layers."),
+    weights: bool = typer.Option(False, help="Load the checkpoint's first K layers instead of random weights."),
+    kernels: str = typer.Option(defaults.KERNELS, help="auto, triton, or reference (stock transformers)."),
+    dtype: str = typer.Option(defaults.DTYPE, help="auto (bf16 on GPU), bf16, fp16 or fp32."),
+    device: str = typer.Option(defaults.DEVICE, help="auto (needs CUDA), cuda, cuda:N, or cpu (tiny smoke run)."),
+    reps: int = typer.Option(defaults.BENCH_REPS, help="Timed forwards per measurement (median)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
+):
+    """Prefill time per layer of the model's own layer shapes: all-F vs the pattern vs the uniform interleave.
+
+    Random weights with dense MLPs unless --weights; F- and S-layer times measured on K layers and combined by
+    each pattern's F count into a projected full-model prefill time."""
+    rows = run_bench(pattern, model, context, layers, ratio, weights, kernels, dtype, device, reps, json_path)
+    print_rows(rows, f"prefill per layer · {model or pattern or 'embedded model'}")

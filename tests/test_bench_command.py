@@ -1,0 +1,88 @@
+"""`indexcache bench` on the CPU: bad options are one line each, and a tiny reference-path smoke run writes rows
+with the documented structure (timings on a CPU mean nothing; the rows' shape and arithmetic do)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from indexcache.cli import app
+from indexcache.patterns.file import SCHEMA_VERSION
+from indexcache.patterns.layout import full_layers, uniform
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["bench", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def one_error_line(result) -> str:
+    assert "Traceback" not in result.output
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--context", "32k"], "comma-separated"),
+        (["--context", "1"], "at least 2 tokens"),
+        (["--layers", "1"], "--layers 1"),
+        (["--reps", "0"], "--reps 0"),
+        (["--ratio", "0", "--device", "cpu"], "--ratio 0"),
+        (["--model", "/no/such/ckpt"], "does not exist"),
+        (["--kernels", "fast", "--device", "cpu", "--context", "16"], "--kernels fast"),
+    ],
+)
+def test_bad_options_are_one_line(args, message, tmp_path):
+    line = one_error_line(invoke(*args, "--json", tmp_path / "rows.json"))
+    assert message in line
+    assert not (tmp_path / "rows.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
+def test_without_cuda_it_says_so():
+    assert "no CUDA GPU" in one_error_line(invoke("--context", "16"))
+
+
+def test_pattern_for_another_depth_is_refused(tmp_path, glm_checkpoint):
+    pattern = tmp_path / "p.json"
+    pattern.write_text(
+        json.dumps(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "index_topk_pattern": "FSF",
+                "num_layers": 3,
+                "model": {"model_type": "glm_moe_dsa", "name": "x"},
+            }
+        )
+    )
+    assert "3 layers" in one_error_line(invoke(pattern, "--model", glm_checkpoint, "--device", "cpu"))
+
+
+def test_smoke_rows_on_the_reference_path(tmp_path, glm_checkpoint):
+    """6-layer checkpoint, 3 layers timed: F and S costs measured and combined per pattern."""
+    out = tmp_path / "rows.json"
+    result = invoke(
+        "--model", glm_checkpoint, "--device", "cpu", "--context", "24,32", "--layers", "3", "--reps", "1",
+        "--ratio", "0.5", "--json", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["layers_timed"] == 3 and report["weights"] == "random, dense MLP" and report["device"] == "cpu"
+    rows = report["rows"]
+    assert [(r["context"], r["name"]) for r in rows] == [(c, n) for c in (24, 32) for n in ("all-F", "uniform")]
+    for r in rows:
+        assert r["backend"] == "reference" and r["num_layers"] == 6 and r["layers_timed"] == 3
+        assert r["num_full"] == len(full_layers(r["pattern"]))
+        assert r["ms_per_layer"] > 0 and r["projected_prefill_s"] == pytest.approx(r["ms_per_layer"] * 6 / 1e3)
+        assert r["tokens_per_s"] == pytest.approx(r["context"] / r["projected_prefill_s"])
+        assert set(r["split_ms_per_layer"]) == {"indexer", "attention", "rest"}
+        assert sum(r["split_ms_per_layer"].values()) == pytest.approx(r["ms_per_layer"])
+    assert rows[1]["pattern"] == uniform(6, 3)
+    assert rows[0]["speedup_vs_all_f"] == 1.0
+    assert rows[1]["speedup_vs_all_f"] == pytest.approx(rows[0]["projected_prefill_s"] / rows[1]["projected_prefill_s"])
