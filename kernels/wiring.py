@@ -25,7 +25,6 @@ ATTN_IMPLEMENTATION = "indexcache_sparse"
 _ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos_emb}
 
 
-@torch.no_grad()
 def indexer_projections(
     indexer: nn.Module,
     rope: str,
@@ -38,7 +37,8 @@ def indexer_projections(
     indexer: a `GlmMoeDsaIndexer` / `DeepseekV32Indexer` (its wq_b, wk, k_norm, weights_proj, n_heads, head_dim,
     qk_rope_head_dim); rope: "interleave" (glm_moe_dsa) or "half" (deepseek_v32), applied to the first
     qk_rope_head_dim dims of q and k as the stock code does. hidden_states: [B, S, hidden], q_resid: [B, S, q_lora],
-    position_embeddings: (cos, sin). Causal, no padding, no cache (prefill of a whole window).
+    position_embeddings: (cos, sin). Causal, no padding, no cache (prefill of a whole window). Differentiable:
+    `indexcache distill` trains the indexer through it.
     """
     if rope not in _ROPE:
         raise ValueError(f"rope must be one of {sorted(_ROPE)}, not {rope!r}")

@@ -26,7 +26,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from . import defaults
 from .calib import DataSpec, Windows, make_windows
 from .distill_checkpoint import load_state, save_state, state_path, write_checkpoint
-from .distill_target import attend_selected, index_scores_at, indexer_projections, selected_kl, selected_valid
+from .distill_target import attend_selected, index_scores_at, selected_kl, selected_valid
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .models import LoadedModel, load_model
@@ -102,6 +102,8 @@ class GroupDistiller:
 
     def close(self) -> None:
         """Score the open group's indexer at its selected keys and backpropagate the KL into it."""
+        from .kernels.wiring import indexer_projections
+
         group, self.open = self.open, None
         if group is None:
             return

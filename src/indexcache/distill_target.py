@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
-from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
 # Gathered elements alive at once while scoring a chunk of queries.
 _CHUNK_ELEMENTS = 1 << 24
-_ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos_emb}
 
 
 def selected_valid(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -59,30 +55,6 @@ def attend_selected(
         out[:, start:stop] = (dense @ value).transpose(1, 2).to(out.dtype)
         probs_mean[:, start:stop] = probs.mean(1)
     return out, probs_mean
-
-
-def indexer_projections(
-    indexer: nn.Module, rope: str, hidden_states: torch.Tensor, q_resid: torch.Tensor, position_embeddings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stock indexer's q [B, S, H, D], k [B, S, D] and head weights fp32 [B, S, H], differentiable.
-
-    Same projections and RoPE as `GlmMoeDsaIndexer.forward` / `DeepseekV32Indexer.forward` (and the kernels'
-    `wiring.indexer_topk`); inputs are cast to the indexer's dtype so fp32 master weights can run on bf16 states.
-    """
-    dtype = indexer.wq_b.weight.dtype
-    hidden_states, q_resid = hidden_states.to(dtype), q_resid.to(dtype)
-    batch, seq_len, _ = hidden_states.shape
-    n_heads, head_dim, rope_dim = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
-    cos, sin = position_embeddings
-    q = indexer.wq_b(q_resid).view(batch, seq_len, n_heads, head_dim)
-    q_rot, q_pass = torch.split(q, [rope_dim, head_dim - rope_dim], dim=-1)
-    k = indexer.k_norm(indexer.wk(hidden_states)).unsqueeze(2)
-    k_rot, k_pass = torch.split(k, [rope_dim, head_dim - rope_dim], dim=-1)
-    q_rot, k_rot = _ROPE[rope](q_rot, k_rot, cos.to(dtype), sin.to(dtype), unsqueeze_dim=2)
-    q = torch.cat([q_rot, q_pass], dim=-1)
-    k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
-    weights = indexer.weights_proj(hidden_states).float() * n_heads**-0.5
-    return q, k, weights
 
 
 def index_scores_at(
