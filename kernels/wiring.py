@@ -25,7 +25,6 @@ ATTN_IMPLEMENTATION = "indexcache_sparse"
 _ROPE = {"interleave": apply_rotary_pos_emb_interleave, "half": apply_rotary_pos_emb}
 
 
-@torch.no_grad()
 def indexer_projections(
     indexer: nn.Module,
     rope: str,
@@ -47,7 +46,8 @@ def indexer_projections(
     [B, S, q_lora] — or None for an indexer without q-LoRA, whose query is wq_b(q_input_norm(hidden)) scaled per
     position by its `softmax_scaling` (needs position_ids [1, S]). k_norm runs in its own weights' dtype (hy_v4 keeps
     it fp32); `scale_in_weights` folds softmax_scale into the head weights as hy_v4 does (the scale is then 1).
-    position_embeddings: (cos, sin). Causal, no padding, no cache (prefill of a whole window).
+    position_embeddings: (cos, sin). Causal, no padding, no cache (prefill of a whole window). Differentiable:
+    `indexcache distill` trains the indexer through it.
     """
     if rope not in _ROPE:
         raise ValueError(f"rope must be one of {sorted(_ROPE)}, not {rope!r}")

@@ -365,6 +365,10 @@ from .bench_command import bench as _bench  # noqa: E402  (the command's body li
 
 app.command("bench")(friendly_errors(_bench))
 
+from .distill_cli import distill as _distill  # noqa: E402  (it reuses the options defined above)
+
+app.command("distill")(friendly_errors(_distill))
+
 
 def main() -> None:
     app(prog_name="indexcache")

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from copy import deepcopy
 from pathlib import Path
 
 from .errors import IndexCacheError
@@ -44,17 +45,32 @@ def _check_indexer_weights(pattern: str, model_dir: Path, arch, num_layers: int)
         )
 
 
-def apply_pattern(
-    pattern_path: str | Path, model_dir: str | Path, output_dir: str | Path, copy: bool = False, log=print
-) -> Path:
-    """Write `output_dir`: `model_dir` with the pattern in config.json, under the keys the family's readers use.
+def config_with_pattern(config: dict, pattern: str) -> dict:
+    """config.json's contents with the pattern under the keys the family's readers use.
 
     `indexer_types` always (transformers' GlmMoeDsaConfig and MistralLarge4TextConfig prefer it over
     `index_topk_pattern`; HYV4Config reads nothing else), `index_topk_pattern` where the family's readers take it,
-    `use_index_cache: true` where vLLM serves the family (it ignores the pattern without it);
-    a vision-language checkpoint gets them in its `text_config`. Says in one line (`log`) when stock transformers
-    ignores the pattern for this family. Weights and tokenizer files are symlinked (copied with `copy=True`).
-    The folder appears all at once: it is built beside the target and renamed into place.
+    `use_index_cache: true` where vLLM serves the family (it ignores the pattern without it); a vision-language
+    checkpoint gets them in its `text_config`. Older schedule keys are dropped: the pattern replaces them.
+    """
+    config = deepcopy(config)
+    arch = architecture_for(config.get("model_type"))
+    text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    for key in (*_SCHEDULE_KEYS, "index_topk_pattern"):
+        text_config.pop(key, None)
+    values = {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern), "use_index_cache": True}
+    text_config.update({key: values[key] for key in arch.pattern_keys})
+    return config
+
+
+def apply_pattern(
+    pattern_path: str | Path, model_dir: str | Path, output_dir: str | Path, copy: bool = False, log=print
+) -> Path:
+    """Write `output_dir`: `model_dir` with the pattern in config.json (`config_with_pattern`).
+
+    Says in one line (`log`) when stock transformers ignores the pattern for this family. Weights and tokenizer
+    files are symlinked (copied with `copy=True`). The folder appears all at once: it is built beside the target
+    and renamed into place.
     """
     data = pattern_file.read(pattern_path)
     model_dir, output_dir = Path(model_dir).expanduser(), Path(output_dir).expanduser()
@@ -71,12 +87,8 @@ def apply_pattern(
     text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     pattern_file.check_matches(data, arch.model_type, text_config.get("num_hidden_layers"), str(model_dir))
 
-    pattern = data["index_topk_pattern"]
-    _check_indexer_weights(pattern, model_dir, arch, text_config["num_hidden_layers"])
-    for key in (*_SCHEDULE_KEYS, "index_topk_pattern"):
-        text_config.pop(key, None)
-    values = {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern), "use_index_cache": True}
-    text_config.update({key: values[key] for key in arch.pattern_keys})
+    _check_indexer_weights(data["index_topk_pattern"], model_dir, arch, text_config["num_hidden_layers"])
+    config = config_with_pattern(config, data["index_topk_pattern"])
     if arch.pattern_note():
         log(arch.pattern_note())
 
