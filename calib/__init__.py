@@ -1,5 +1,21 @@
 """Calibration data: seeded token windows from local files or hub datasets."""
 
-from .data import DataSpec, Windows, embedded_sample_path, make_windows, windows_from_tensor
+from .data import (
+    DataSpec,
+    Windows,
+    check_window_length,
+    default_seq_len,
+    embedded_sample_path,
+    make_windows,
+    windows_from_tensor,
+)
 
-__all__ = ["DataSpec", "Windows", "embedded_sample_path", "make_windows", "windows_from_tensor"]
+__all__ = [
+    "DataSpec",
+    "Windows",
+    "check_window_length",
+    "default_seq_len",
+    "embedded_sample_path",
+    "make_windows",
+    "windows_from_tensor",
+]

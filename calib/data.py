@@ -1,4 +1,10 @@
-"""Calibration windows: text through `datasets`, tokenised, joined with EOS and cut into seeded windows.
+"""Calibration windows like real inputs: text streamed through `datasets`, tokenised only as far as needed.
+
+Every window starts with the tokenizer's own prefix (BOS, or GLM's `[gMASK]<sop>`), which is fed but not
+scored. `packed` windows cut a stream of documents joined with the tokenizer's EOS; `document` windows are cut
+inside single documents long enough to hold one. Windows are taken in a seeded order that is shuffled within
+blocks of `defaults.WINDOW_BLOCK` consecutive windows, so reading stops after the blocks that hold the windows
+needed, and calibration (the first windows of the order) and evaluation (the next ones) never overlap.
 
 A dataset whose rows already hold equal-length `input_ids` lists is used as-is, row by row: the escape hatch
 for exact, reproducible calibration sets.
@@ -7,7 +13,9 @@ for exact, reproducible calibration sets.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +26,7 @@ from ..errors import IndexCacheError
 
 EMBEDDED_SAMPLE = "python-docs-calib.jsonl"
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_TOKENISE_DOCUMENTS = 64  # documents tokenised per call
 
 
 @dataclass(frozen=True)
@@ -29,12 +38,34 @@ class DataSpec:
     split: str = defaults.SPLIT
     text_column: str = defaults.TEXT_COLUMN
     num_samples: int = defaults.NUM_SAMPLES
-    seq_len: int = defaults.SEQ_LEN
+    seq_len: int | None = defaults.SEQ_LEN
     seed: int = defaults.SEED
+    windows: str = defaults.WINDOWS
 
     def __post_init__(self):
-        if self.num_samples < 1 or self.seq_len < 2:
+        if self.num_samples < 1 or (self.seq_len is not None and self.seq_len < 2):
             raise IndexCacheError(f"--num-samples ({self.num_samples}) must be ≥ 1 and --seq-len ({self.seq_len}) ≥ 2")
+        if self.windows not in defaults.WINDOW_KINDS:
+            raise IndexCacheError(f"--windows {self.windows} is not one of {', '.join(defaults.WINDOW_KINDS)}")
+
+    def with_model_defaults(self, index_topk: int | None) -> DataSpec:
+        """This spec with `seq_len` filled in from the model when it was left to it (None)."""
+        return self if self.seq_len is not None else replace(self, seq_len=default_seq_len(index_topk))
+
+
+def default_seq_len(index_topk: int | None) -> int:
+    """max(quick default, 4 × index_topk): long enough that most scored positions choose among more keys than
+    they keep (8192 for GLM-5's top-2048), short enough for the tiny model's quick start (512)."""
+    return max(defaults.QUICK_SEQ_LEN, defaults.SEQ_LEN_PER_TOPK * (index_topk or 0))
+
+
+def check_window_length(seq_len: int, index_topk: int | None) -> None:
+    """Refuse windows in which the indexer keeps every key: every pattern would score the same."""
+    if index_topk is not None and seq_len <= index_topk:
+        raise IndexCacheError(
+            f"windows of {seq_len} tokens are not longer than the model's index_topk ({index_topk}): every key "
+            f"is selected, so all patterns score the same; use --seq-len {default_seq_len(index_topk)} or more"
+        )
 
 
 @dataclass(frozen=True)
@@ -42,16 +73,24 @@ class Windows:
     """Token windows and where they came from.
 
     Attributes:
-        input_ids: int64 [num_samples, seq_len].
+        input_ids: int64 [num_samples, seq_len], each row the prefix tokens then the window's text.
         fingerprint: sha256 of the windows (int32 little-endian), so two runs can tell they saw the same data.
         offset: how many windows of the seeded order were skipped (eval skips the calibration ones).
+        tokens_read: tokens read from the data before there were enough windows.
+        prefix: the token ids every window starts with (fed to the model, not scored).
     """
 
     input_ids: torch.Tensor
     spec: DataSpec
     fingerprint: str
     offset: int
-    total_tokens: int
+    tokens_read: int
+    prefix: list[int] = field(default_factory=list)
+
+    @property
+    def first_label(self) -> int:
+        """Position of the first scored token: the one after the prefix (a window without prefix scores 1..)."""
+        return max(1, len(self.prefix))
 
     def describe(self) -> dict:
         return {
@@ -59,9 +98,20 @@ class Windows:
             "seq_len": self.input_ids.shape[1],
             "source": self.spec.dataset or f"embedded sample ({EMBEDDED_SAMPLE})",
             "window_offset": self.offset,
-            "tokens_available": self.total_tokens,
+            "tokens_read": self.tokens_read,
+            "prefix_tokens": self.prefix,
             "fingerprint": self.fingerprint,
         }
+
+    def selection_coverage(self, index_topk: int | None) -> dict:
+        """How many scored positions choose among more keys than the indexer keeps (the rest select all).
+
+        Query position i sees i + 1 keys; positions first_label - 1 .. seq_len - 2 predict scored tokens.
+        """
+        windows, seq_len = self.input_ids.shape
+        scored = seq_len - self.first_label
+        over = scored if index_topk is None else max(0, seq_len - 1 - max(self.first_label - 1, index_topk))
+        return {"scored_positions": windows * scored, "positions_over_topk": windows * over}
 
 
 def embedded_sample_path() -> Path:
@@ -89,8 +139,13 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
-def load_rows(spec: DataSpec):
-    """The dataset split as a `datasets.Dataset`, local file/folder or hub name."""
+def _load_error(source: str, exc: Exception) -> IndexCacheError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return IndexCacheError(f"could not load dataset {source!r}: {first}")
+
+
+def stream_rows(spec: DataSpec) -> Iterator[dict]:
+    """The dataset split's rows, streamed (a hub split is never downloaded whole); local file/folder or hub name."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -99,60 +154,161 @@ def load_rows(spec: DataSpec):
     try:
         if path.exists():
             builder, files = _data_files(path)
-            return datasets.load_dataset(builder, data_files=files, split="train")
-        if source.startswith((".", "/", "~")) or path.suffix in _BUILDERS:
+            rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        elif source.startswith((".", "/", "~")) or path.suffix in _BUILDERS:
             raise IndexCacheError(f"dataset path {source} does not exist; give a local file/folder or a hub name")
-        return datasets.load_dataset(source, spec.dataset_config, split=spec.split)
+        else:
+            rows = datasets.load_dataset(source, spec.dataset_config, split=spec.split, streaming=True)
+        yield from rows
     except IndexCacheError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the message, not the stack
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IndexCacheError(f"could not load dataset {source!r}: {first}") from exc
+        raise _load_error(source, exc) from exc
 
 
-def make_windows(spec: DataSpec, tokenizer, eos_token_id: int | None, offset: int = 0) -> Windows:
+def window_prefix(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before a text (BOS; `[gMASK]<sop>` for GLM), else its BOS token, else none."""
+    sample = "Hello"
+    plain = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    special = tokenizer(sample, add_special_tokens=True)["input_ids"]
+    for start in range(len(special) - len(plain) + 1):
+        if special[start : start + len(plain)] == plain:
+            if start:
+                return list(special[:start])
+            break
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def document_separator(tokenizer, eos_token_id) -> int:
+    """The tokenizer's own EOS, else the config's (the first of a list, as GLM configs give several)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise IndexCacheError("the tokenizer and config define no EOS token to separate documents with")
+    return int(eos)
+
+
+def seeded_order(num_windows: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of window indices, shuffled within blocks of `defaults.WINDOW_BLOCK`: its first n
+    entries depend only on the first ceil(n / block) blocks, so reading can stop there."""
+    block = defaults.WINDOW_BLOCK
+    parts = []
+    for b, start in enumerate(range(0, num_windows, block)):
+        key = int(hashlib.sha256(f"{seed}:{b}".encode()).hexdigest()[:15], 16)
+        size = min(block, num_windows - start)
+        parts.append(start + torch.randperm(size, generator=torch.Generator().manual_seed(key)))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def make_windows(spec: DataSpec, tokenizer, eos_token_id, offset: int = 0) -> Windows:
     """`spec.num_samples` windows, skipping the first `offset` windows of the seeded order.
 
-    Raises IndexCacheError when the data holds too few tokens, saying how many were found and needed.
+    `eos_token_id` (int or list) separates documents when the tokenizer defines none. Raises IndexCacheError
+    when the data holds too few tokens, saying how many were found and needed.
     """
-    rows = load_rows(spec)
-    if "input_ids" in rows.column_names:
-        return _pretokenised(rows, spec, offset)
-    if spec.text_column not in rows.column_names:
+    rows = stream_rows(spec)
+    try:
+        first = next(rows)
+    except StopIteration:
+        raise IndexCacheError(f"dataset {spec.dataset or EMBEDDED_SAMPLE!r} has no rows") from None
+    if "input_ids" in first:
+        return _pretokenised(first, rows, spec, offset)
+    if spec.text_column not in first:
         raise IndexCacheError(
-            f"dataset has no column '{spec.text_column}' (columns: {', '.join(rows.column_names)}); pass --text-column"
+            f"dataset has no column '{spec.text_column}' (columns: {', '.join(first)}); pass --text-column"
         )
     if tokenizer is None:
-        raise IndexCacheError("the model folder has no tokenizer; add its tokenizer files or use input_ids rows")
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos_token_id
-    if eos is None:
-        raise IndexCacheError("the tokenizer and config define no EOS token to join documents with")
-    texts = [t for t in rows[spec.text_column] if t]
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    stream = torch.tensor([tok for doc in ids for tok in (*doc, eos)], dtype=torch.int64)
-    # Cut the stream into consecutive windows, then pick them in one seeded order: calibration takes the
-    # first `num_samples`, evaluation the next ones, so the two never overlap.
-    num_windows = stream.numel() // spec.seq_len
-    needed = (offset + spec.num_samples) * spec.seq_len
-    if num_windows < offset + spec.num_samples:
+        raise IndexCacheError("text data needs a tokenizer: pass --tokenizer or use input_ids rows")
+    if spec.seq_len is None:
+        raise IndexCacheError("the window length is not set: fill it from the model first (with_model_defaults)")
+    prefix = window_prefix(tokenizer)
+    body = spec.seq_len - len(prefix)
+    if body < 2:
+        raise IndexCacheError(f"--seq-len {spec.seq_len} leaves no room after the {len(prefix)} prefix tokens")
+    eos = document_separator(tokenizer, eos_token_id)
+    needed = offset + spec.num_samples
+    enough = math.ceil(needed / defaults.WINDOW_BLOCK) * defaults.WINDOW_BLOCK
+    cutter = _PackedCutter(body, eos) if spec.windows == "packed" else _DocumentCutter(body)
+    texts = (row[spec.text_column] for row in _chain(first, rows))
+    for batch in _batches(t for t in texts if t):
+        for doc in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            cutter.add(doc)
+        if len(cutter.windows) >= enough:
+            break
+    if len(cutter.windows) < needed:
+        where = "" if spec.windows == "packed" else f" inside documents of at least {body} tokens"
         raise IndexCacheError(
-            f"calibration text has {stream.numel():,} tokens but {needed:,} are needed "
-            f"({offset + spec.num_samples} windows × {spec.seq_len}); add text or lower --num-samples/--seq-len"
+            f"calibration text has {cutter.tokens_read:,} tokens but {needed * body:,} are needed "
+            f"({needed} windows × {body}{where}); add text or lower --num-samples/--seq-len"
         )
-    order = torch.randperm(num_windows, generator=torch.Generator().manual_seed(spec.seed))
-    chosen = order[offset : offset + spec.num_samples]
-    windows = stream[: num_windows * spec.seq_len].view(num_windows, spec.seq_len)[chosen]
-    return Windows(windows, spec, fingerprint(windows), offset, stream.numel())
+    order = seeded_order(len(cutter.windows), spec.seed)[offset:needed]
+    bodies = torch.tensor([cutter.windows[i] for i in order.tolist()], dtype=torch.int64)
+    windows = torch.cat([torch.tensor(prefix, dtype=torch.int64).expand(len(bodies), -1), bodies], dim=1)
+    return Windows(windows, spec, fingerprint(windows), offset, cutter.tokens_read, prefix)
 
 
-def _pretokenised(rows, spec: DataSpec, offset: int) -> Windows:
-    lengths = set(len(r) for r in rows["input_ids"])
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _batches(texts) -> Iterator[list[str]]:
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == _TOKENISE_DOCUMENTS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _PackedCutter:
+    """Documents joined with EOS into one stream, cut into consecutive windows of `length` tokens."""
+
+    def __init__(self, length: int, eos: int):
+        self.length, self.eos = length, eos
+        self.pending: list[int] = []
+        self.windows: list[list[int]] = []
+        self.tokens_read = 0
+
+    def add(self, doc: list[int]) -> None:
+        self.pending += [*doc, self.eos]
+        self.tokens_read += len(doc) + 1
+        while len(self.pending) >= self.length:
+            self.windows.append(self.pending[: self.length])
+            self.pending = self.pending[self.length :]
+
+
+class _DocumentCutter:
+    """Consecutive windows of `length` tokens inside each document; a document's remainder is dropped."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.windows: list[list[int]] = []
+        self.tokens_read = 0
+
+    def add(self, doc: list[int]) -> None:
+        self.tokens_read += len(doc)
+        for start in range(0, len(doc) - self.length + 1, self.length):
+            self.windows.append(doc[start : start + self.length])
+
+
+def _pretokenised(first: dict, rows, spec: DataSpec, offset: int) -> Windows:
+    """The first `offset + num_samples` rows, read as they are (no prefix, no cutting)."""
+    needed = offset + spec.num_samples
+    taken = [first["input_ids"]]
+    for row in rows:
+        if len(taken) == needed:
+            break
+        taken.append(row["input_ids"])
+    lengths = set(len(r) for r in taken)
     if len(lengths) != 1:
         raise IndexCacheError(f"input_ids rows must all have one length; found lengths {sorted(lengths)[:5]}")
-    if len(rows) < offset + spec.num_samples:
+    if len(taken) < needed:
         raise IndexCacheError(
-            f"dataset has {len(rows)} input_ids rows but {offset + spec.num_samples} are needed; "
-            "add rows or lower --num-samples"
+            f"dataset has {len(taken)} input_ids rows but {needed} are needed; add rows or lower --num-samples"
         )
-    windows = torch.tensor(rows["input_ids"][offset : offset + spec.num_samples], dtype=torch.int64)
-    return Windows(windows, spec, fingerprint(windows), offset, len(rows) * lengths.pop())
+    windows = torch.tensor(taken[offset:needed], dtype=torch.int64)
+    return Windows(windows, spec, fingerprint(windows), offset, len(taken) * lengths.pop())

@@ -8,9 +8,11 @@ Schema (version 1), one JSON object:
     description         one line on what the file is
     model               {name, model_type, config_sha256, num_layers, index_topk, indexer_layers}
     calibration         {source, dataset, dataset_config, split, text_column, num_samples, seq_len, seed,
-                         window_offset, tokens_available, fingerprint (sha256 of the token windows)}
+                         windows (packed/document), window_offset, tokens_read, prefix_tokens (fed, not scored),
+                         fingerprint (sha256 of the token windows), scored_positions, positions_over_topk}
     seed                the calibration seed
-    search              {strategy, blocks, forced_full, pruning, cache, layer_forwards, seconds, device, dtype}
+    search              {strategy, blocks, forced_full, pruning, cache, layer_forwards, seconds, device,
+                         layers_on (device → decoder layers), dtype, kernels, batch_size}
     versions            {indexcache, torch, transformers, datasets, python}
     loss_all_full       mean next-token NLL with every available indexer on
     loss_final          mean next-token NLL with the pattern

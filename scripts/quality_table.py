@@ -381,7 +381,7 @@ def main() -> None:
     calib_windows = make_windows(calib, loaded.tokenizer, loaded.model.config.eos_token_id)
     by_overlap, matrix = overlap_patterns(loaded, calib_windows, list(greedy))
     with torch.inference_mode(), index_sharing(loaded.model, loaded.arch) as sharing:
-        scorer = PatternScorer(lw, sharing, held_out.input_ids)
+        scorer = PatternScorer(lw, sharing, held_out.input_ids, first_label=held_out.first_label)
         all_full = scorer.loss("F" * n)
         rows.append({"ratio": 1.0, "kind": "all-F", "pattern": "F" * n, "loss": all_full})
         for ratio, pattern in greedy.items():

@@ -31,7 +31,7 @@ def test_documents_are_joined_with_eos(text_file, tokenizer):
     total = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     spec = DataSpec(dataset=str(text_file), num_samples=total // 64, seq_len=64)
     windows = make_windows(spec, tokenizer, None)
-    assert windows.total_tokens == total
+    assert windows.tokens_read == total
     # every document boundary lands in some window; only the stream's last EOS may fall in the cut-off tail
     assert (windows.input_ids == tokenizer.eos_token_id).sum() >= len(texts) - 1
 
@@ -64,7 +64,7 @@ def test_ragged_pretokenised_rows_are_rejected(tmp_path):
     path = tmp_path / "ids.jsonl"
     path.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2]}\n')
     with pytest.raises(IndexCacheError, match="one length"):
-        make_windows(DataSpec(dataset=str(path), num_samples=1), None, None)
+        make_windows(DataSpec(dataset=str(path), num_samples=2), None, None)
 
 
 def test_folder_of_text_files(tmp_path, text_file, tokenizer):

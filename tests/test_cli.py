@@ -75,6 +75,13 @@ def searched(glm_checkpoint, text_file, tmp_path_factory) -> Searched:
 # ---------------------------------------------------------------------------------------------- round trip
 
 
+def test_round_trip_checkpoint_has_moe_layers(glm_checkpoint):
+    """search, eval and apply below run on this checkpoint: its MoE layers go through all three."""
+    loaded = load_model(str(glm_checkpoint), device="cpu")
+    kinds = [type(layer.mlp).__name__ for layer in loaded.model.model.layers]
+    assert kinds[:2] == ["GlmMoeDsaMLP"] * 2 and kinds[2:] == ["GlmMoeDsaMoE"] * (NUM_LAYERS - 2), kinds
+
+
 def test_search_writes_a_complete_pattern_file(searched, glm_checkpoint, text_file):
     data = searched.data
     pattern = data["index_topk_pattern"]
@@ -87,6 +94,9 @@ def test_search_writes_a_complete_pattern_file(searched, glm_checkpoint, text_fi
     assert data["calibration"]["dataset"] == str(text_file)
     assert data["calibration"]["num_samples"] == 2 and data["calibration"]["seq_len"] == 64
     assert re.fullmatch(r"[0-9a-f]{64}", data["calibration"]["fingerprint"])
+    # no prefix tokens (the test tokenizer has no BOS): positions 0..62 predict; those from 8 on choose among > 8
+    assert data["calibration"]["scored_positions"] == 2 * 63 and data["calibration"]["positions_over_topk"] == 2 * 55
+    assert data["calibration"]["windows"] == "packed" and data["search"]["layers_on"] == {"cpu": list(range(6))}
     assert {"indexcache", "torch", "transformers"} <= data["versions"].keys()
     assert data["search"]["layer_forwards"] > 0
 
@@ -123,6 +133,15 @@ def test_eval_compares_pattern_all_full_and_uniform(searched, tmp_path):
         assert row["name"] in result.stdout and row["pattern"] in result.stdout
     # The held-out windows follow the calibration windows, so their loss is not the calibration loss.
     assert rows["all-F"]["loss"] != pytest.approx(searched.data["loss_all_full"], abs=1e-9)
+
+
+def test_eval_applies_num_samples_to_the_patterns_own_source(searched, tmp_path):
+    json_path = tmp_path / "eval.json"
+    result = invoke("eval", searched.path, "--num-samples", 3, "--seq-len", 64, "--json", json_path, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(json_path.read_text())["data"]
+    assert data["num_samples"] == 3 and data["window_offset"] == 2 and data["seq_len"] == 64
+    assert data["fingerprint"] != searched.data["calibration"]["fingerprint"]
 
 
 def _patched_loss(checkpoint: Path, pattern: str, ids: torch.Tensor) -> float:
@@ -162,7 +181,7 @@ def test_apply_into_the_model_folder_links_only_model_files(searched, glm_checkp
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text((glm_checkpoint / "config.json").read_text())
-    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / "model.safetensors").write_bytes((glm_checkpoint / "model.safetensors").read_bytes())
     result = invoke("apply", searched.path, "--model", checkpoint, "-o", checkpoint / "indexcache")
     assert result.exit_code == 0, result.output
     assert listing(checkpoint / "indexcache") == [
@@ -170,6 +189,40 @@ def test_apply_into_the_model_folder_links_only_model_files(searched, glm_checkp
         "indexcache_pattern.json",
         "model.safetensors",
     ]
+
+
+def test_apply_onto_an_applied_folder_leaves_the_source_untouched(searched, glm_checkpoint, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert invoke("apply", searched.path, "--model", glm_checkpoint, "-o", first).exit_code == 0
+    before = {name: (first / name).read_bytes() for name in ("config.json", "indexcache_pattern.json")}
+    other = json.loads(searched.path.read_text())
+    other["index_topk_pattern"] = "FFFFFS"
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+
+    result = invoke("apply", other_path, "--model", first, "-o", second)
+    assert result.exit_code == 0, result.output
+    assert {name: (first / name).read_bytes() for name in before} == before  # not written through a link
+    for name in before:
+        assert not (second / name).is_symlink() and (second / name).stat().st_mode & 0o044 == 0o044, name
+    assert json.loads((second / "indexcache_pattern.json").read_text())["index_topk_pattern"] == "FFFFFS"
+    assert json.loads((second / "config.json").read_text())["index_topk_pattern"] == "FFFFFS"
+    assert (second / "model.safetensors").resolve() == (glm_checkpoint / "model.safetensors").resolve()
+
+
+def test_apply_refuses_F_layers_without_indexer_weights(searched, tmp_path):
+    from transformers import GlmMoeDsaForCausalLM
+
+    from tiny_models import glm_config
+
+    shipped = tmp_path / "shipped"
+    GlmMoeDsaForCausalLM(glm_config(index_topk_pattern="FFSSFS")).save_pretrained(shipped)  # S: no indexer
+    edited = json.loads(searched.path.read_text())
+    edited["index_topk_pattern"] = "FFFSFS"
+    (tmp_path / "p.json").write_text(json.dumps(edited))
+    message = error_line(invoke("apply", tmp_path / "p.json", "--model", shipped, "-o", tmp_path / "out"))
+    assert "layers [2] F" in message and "no indexer weights" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_pretokenised_rows_are_used_as_is(glm_checkpoint, tmp_path):
@@ -183,7 +236,7 @@ def test_pretokenised_rows_are_used_as_is(glm_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     calibration = json.loads(output.read_text())["calibration"]
     assert calibration["fingerprint"] == fingerprint(ids[:2])
-    assert calibration["seq_len"] == 48 and calibration["tokens_available"] == 3 * 48
+    assert calibration["seq_len"] == 48 and calibration["tokens_read"] == 2 * 48  # only the rows needed are read
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -209,6 +262,9 @@ def test_interrupted_search_resumes_to_the_same_pattern(searched, glm_checkpoint
 
     changed = error_line(invoke("search", *args, "--seed", 1, "-o", output, "--resume"))
     assert "differs in data_fingerprint" in changed
+
+    pruned = error_line(invoke("search", *args, "--prune-keep", 0.3, "-o", output, "--resume"))
+    assert "differs in prune_keep" in pruned
 
     result = invoke("search", *args, "-o", output, "--resume")
     assert result.exit_code == 0, result.output
@@ -271,6 +327,14 @@ class Paths:
             (path / "config.json").write_text(config)
         return path
 
+    def broken_tokenizer(self) -> Path:
+        """The test checkpoint with a corrupt tokenizer.json beside its config and weights."""
+        path = self.folder("broken-tokenizer")
+        for name in ("config.json", "model.safetensors"):
+            (path / name).symlink_to(self.glm / name)
+        (path / "tokenizer.json").write_text("{")
+        return path
+
     def search(self, *extra) -> list:
         return ["search", *search_args(self.glm, self.text), "-o", self.out / "p.json", *extra]
 
@@ -328,6 +392,18 @@ SEARCH_CASES = [
     pytest.param(lambda p: p.search("--blocks", 0), ["--blocks"], id="blocks-0"),
     pytest.param(lambda p: p.search("--strategy", "fast"), ["--strategy", "naive"], id="unknown-strategy"),
     pytest.param(lambda p: p.search("--cache", "big"), ["--cache", "every:K"], id="unknown-cache"),
+    pytest.param(
+        lambda p: p.search("--seq-len", 8),
+        ["windows of 8 tokens are not longer than the model's index_topk (8)", "--seq-len 512"],
+        id="window-not-longer-than-topk",
+    ),
+    pytest.param(lambda p: p.search("--windows", "chapter"), ["--windows chapter", "document"], id="unknown-windows"),
+    pytest.param(
+        lambda p: p.search("--model", p.broken_tokenizer()),
+        ["could not load the tokenizer from", "broken-tokenizer"],
+        id="broken-tokenizer",
+    ),
+    pytest.param(lambda p: p.search("--max-memory", "lots"), ["--max-memory", "0=20GiB"], id="bad-max-memory"),
 ]
 
 # Broken pattern files, each refused by eval and by apply alike.
@@ -363,6 +439,16 @@ EVAL_CASES = [
         id="missing-dataset",
     ),
     pytest.param(lambda p: p.eval(p.pattern, "--batch-size", 0), ["--batch-size"], id="batch-size-0"),
+    pytest.param(
+        lambda p: p.eval(p.pattern, "--seq-len", 32),
+        ["--seq-len 32 differs from the calibration's 64", "--dataset"],
+        id="held-out-other-seq-len",
+    ),
+    pytest.param(
+        lambda p: p.eval(p.pattern, "--seed", 3),
+        ["--seed 3 differs from the calibration's 0"],
+        id="held-out-other-seed",
+    ),
 ]
 
 APPLY_CASES = [
@@ -410,7 +496,7 @@ def test_broken_pattern_file_is_refused(paths, command, build, fragments):
         pytest.param(
             torch.cuda.OutOfMemoryError("CUDA out of memory"),
             2,
-            ["CUDA out of memory", "--seq-len", "--batch-size"],
+            ["CUDA out of memory", "--cache host", "--seq-len", "--batch-size"],
             id="cuda-oom",
         ),
         pytest.param(KeyboardInterrupt(), 130, ["interrupted"], id="ctrl-c"),

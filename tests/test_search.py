@@ -10,7 +10,7 @@ from indexcache.errors import IndexCacheError
 from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
 from indexcache.patch import index_sharing
-from indexcache.patterns.layout import num_full_for_ratio
+from indexcache.patterns.layout import full_layers, num_full_for_ratio
 from indexcache.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip, plan_cache
 from indexcache.search import SearchState, block_starts, greedy_search, initial_state
 
@@ -113,7 +113,8 @@ def test_commit_installs_the_winners_run_instead_of_recomputing(strategy, every)
         for mine, theirs in zip(scorer.cache, recomputing_scorer.cache, strict=True):
             assert mine.hidden.keys() == theirs.hidden.keys()
             assert all(torch.equal(mine.hidden[i], theirs.hidden[i]) for i in mine.hidden)
-            assert all(torch.equal(mine.entering_index[i], theirs.entering_index[i]) for i in range(1, NUM_LAYERS))
+            assert mine.entering_index.keys() == theirs.entering_index.keys() == mine.hidden.keys()
+            assert all(torch.equal(mine.entering_index[i], theirs.entering_index[i]) for i in mine.hidden if i)
             assert torch.equal(mine.nll, theirs.nll)
     # With room for two suffixes every commit is free: it would have rerun layers ≥ l* on all 4 windows.
     commit_cost = sum((NUM_LAYERS - (s.flipped - s.flipped % every)) * 4 for s in recomputed.trajectory)
@@ -125,7 +126,8 @@ def test_commit_installs_the_winners_run_instead_of_recomputing(strategy, every)
 def test_cache_plan_follows_free_memory(monkeypatch):
     lw = LayerwiseModel(glm_model(num_layers=NUM_LAYERS), ARCH)
     windows = random_ids(4, 40)
-    need = NUM_LAYERS * windows.numel() * lw.base.config.hidden_size * 4  # fp32 on CPU
+    # fp32 hidden states and int32 top-8 indices per layer
+    need = NUM_LAYERS * windows.numel() * (lw.base.config.hidden_size * 4 + 8 * 4)
     for free, expected in [
         (100 * need, CachePlan("device", 1, 2.0)),
         (2.4 * need, CachePlan("device", 1, pytest.approx(0.8))),
@@ -135,6 +137,28 @@ def test_cache_plan_follows_free_memory(monkeypatch):
         assert plan_cache(lw, windows) == expected
     assert plan_cache(lw, windows, "every:2").every == 2
     assert "commits recompute" in CachePlan("host", 1, 0.0).describe()
+    # Room for the hidden states alone, not for the index buffers too: the plan must thin the cache.
+    hidden_only = NUM_LAYERS * windows.numel() * lw.base.config.hidden_size * 4
+    monkeypatch.setattr(scoring, "_host_available_bytes", lambda: int(2 * hidden_only * 1.05))
+    assert plan_cache(lw, windows).every == 2
+
+
+def test_index_buffers_are_stored_with_the_hidden_states_once_per_buffer(monkeypatch):
+    """`--cache host` must move the [B, S, k] index buffers too, and S layers sharing one must not copy it."""
+    stored = []
+
+    def store(self, t):
+        stored.append(t.clone())  # stands in for the copy to pinned host memory
+        return stored[-1]
+
+    monkeypatch.setattr(CachedScorer, "_store", store)
+    _, scorer, _ = _run("cached", target=3, plan=CachePlan("host", 1, 2.0))
+    kept = {id(t) for t in stored}
+    for entry in scorer.cache:
+        buffers = [t for t in entry.entering_index.values() if t is not None]
+        assert buffers and all(id(t) in kept for t in buffers)
+        entering = [i for i in full_layers(scorer.committed) if i < NUM_LAYERS - 1]  # F layers with a layer after
+        assert len({id(t) for t in buffers}) == len(entering)  # one per F layer, shared by the S layers after it
 
 
 class _Interrupt(Exception):
@@ -171,7 +195,67 @@ def test_pruned_scores_fewer_windows_and_commits_only_exact_candidates():
 def test_blocks_force_pipeline_stage_starts():
     assert block_starts(10, 3) == [0, 4, 7]
     assert block_starts(78, 4) == [0, 20, 40, 59]
-    state, _, _ = _run("cached", target=3, forced=block_starts(NUM_LAYERS, 3))
-    assert [i for i, c in enumerate(state.pattern) if c == "F"] == block_starts(NUM_LAYERS, 3)
+    forced = block_starts(NUM_LAYERS, 2)  # [0, 4]; the target keeps one F layer more than the forced ones
+    free, _, _ = _run("cached", target=3)
+    assert not set(forced) <= set(full_layers(free.pattern))  # unforced, the search drops a block start
+    state, _, _ = _run("cached", target=3, forced=forced)
+    assert set(forced) < set(full_layers(state.pattern)) and state.pattern.count("F") == 3
+    assert all(set(forced) <= set(full_layers(step.pattern)) for step in state.trajectory)
     with pytest.raises(IndexCacheError, match="block starts"):
         initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, block_starts(NUM_LAYERS, 3))
+
+
+def _nan_after(model, layer: int, when) -> None:
+    """Make decoder `layer` output NaN whenever `when()` holds (a broken weight, a bf16 overflow)."""
+
+    def hook(module, args, output):
+        if not when():
+            return output
+        if isinstance(output, tuple):
+            return (output[0] * float("nan"), *output[1:])
+        return output * float("nan")
+
+    ARCH.layers(model)[layer].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cached"])
+def test_non_finite_all_full_loss_stops_naming_layer_and_batch(strategy):
+    model = glm_model(num_layers=NUM_LAYERS)
+    _nan_after(model, 3, lambda: True)
+    lw = LayerwiseModel(model, ARCH)
+    with torch.no_grad(), index_sharing(model, ARCH) as sharing:
+        scorer = (PatternScorer if strategy == "naive" else CachedScorer)(lw, sharing, random_ids(4, 40), 2)
+        with pytest.raises(IndexCacheError, match=r"batch 0 \(windows 0–1\) under pattern F{7}: .* in layer 3;"):
+            greedy_search(scorer, initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, []))
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cached", "pruned"])
+def test_nan_candidate_stops_the_run_instead_of_winning(strategy):
+    model = glm_model(num_layers=NUM_LAYERS)
+    lw = LayerwiseModel(model, ARCH)
+    with torch.no_grad(), index_sharing(model, ARCH) as sharing:
+        _nan_after(model, 4, lambda: sharing.pattern[2] == "S")  # only the candidate "layer 2 → S" breaks
+        scorer = {"naive": PatternScorer, "cached": CachedScorer, "pruned": PrunedScorer}[strategy](
+            lw, sharing, random_ids(4, 40), 1
+        )
+        with pytest.raises(IndexCacheError, match=r"batch 0 \(window 0\) under pattern FFSFFFF: .* in layer 4;"):
+            greedy_search(scorer, initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), 2, []))
+
+
+class _FixedScores(PatternScorer):
+    """A scorer whose candidate losses are given: what the loop does with them, without a model."""
+
+    def __init__(self, losses: dict[int, float]):
+        self.losses, self.num_windows = losses, 1
+
+    def commit(self, pattern):
+        return 1.0
+
+    def score(self, pattern, candidates, on_candidate=None):
+        return {i: scoring.CandidateScore(self.losses[i], 1) for i in candidates}
+
+
+def test_greedy_loop_refuses_a_nan_candidate_whatever_the_scorer():
+    scorer = _FixedScores({1: float("nan"), 2: 0.5, 3: 0.7})
+    with pytest.raises(IndexCacheError, match=r"candidate layer 1 → S \(nan\)"):
+        greedy_search(scorer, initial_state(4, [0, 1, 2, 3], 3, []))

@@ -205,7 +205,13 @@ def analyze(
     loaded = load_model(model, dtype, device, device_map, tokenizer)
     data = data or DataSpec()
     windows = (
-        data if isinstance(data, Windows) else make_windows(data, loaded.tokenizer, loaded.text_config.eos_token_id)
+        data
+        if isinstance(data, Windows)
+        else make_windows(
+            data.with_model_defaults(getattr(loaded.text_config, "index_topk", None)),
+            loaded.tokenizer,
+            loaded.text_config.eos_token_id,
+        )
     )
     started = time.perf_counter()
     analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -12,10 +13,10 @@ import torch
 from . import defaults
 from .atomic import write_json
 from .backends import kernels_installed
-from .calib import DataSpec, Windows, make_windows
+from .calib import DataSpec, Windows, check_window_length, make_windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
-from .models import LoadedModel, load_model
+from .models import Checkpoint, LoadedModel, load_tokenizer, load_weights, open_checkpoint
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
 from .scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
@@ -23,8 +24,10 @@ from .search import Observer, SearchState, block_starts, greedy_search, initial_
 
 
 @contextmanager
-def _calibration_context(loaded: LoadedModel, kernels: str, seq_len: int | None = None):
-    """No grad, eval mode, the F/S patch and the chosen kernels (for windows of `seq_len` tokens), for one model."""
+def calibration_context(loaded: LoadedModel, kernels: str, seq_len: int | None = None):
+    """No grad, eval mode, the F/S patch and the chosen kernels (for windows of `seq_len` tokens), for one model.
+
+    Yields (LayerwiseModel, SharingState, backend name)."""
     lw = LayerwiseModel(loaded.model, loaded.arch)
     with (
         torch.inference_mode(),
@@ -34,6 +37,24 @@ def _calibration_context(loaded: LoadedModel, kernels: str, seq_len: int | None 
         ),
     ):
         yield lw, state, backend
+
+
+def calibration_windows(
+    checkpoint: Checkpoint, data: DataSpec | Windows, tokenizer: str | None = None, offset: int = 0
+) -> Windows:
+    """The token windows for `checkpoint`, built and checked before any weight loads.
+
+    The window length defaults from the model (`DataSpec.seq_len=None`); windows in which the indexer keeps
+    every key are refused, since every pattern would score the same on them.
+    """
+    if isinstance(data, Windows):
+        windows = data
+    else:
+        spec = data.with_model_defaults(checkpoint.index_topk)
+        tok = load_tokenizer(checkpoint, tokenizer, required=tokenizer is not None)
+        windows = make_windows(spec, tok, checkpoint.config.get_text_config().eos_token_id, offset=offset)
+    check_window_length(windows.input_ids.shape[1], checkpoint.index_topk)
+    return windows
 
 
 def search_state_path(output: Path) -> Path:
@@ -74,13 +95,36 @@ def _check_search_options(output: Path, ratio, num_full, strategy, blocks, batch
         raise IndexCacheError(f"--prune-keep {prune_keep} is outside (0, 1]: the fraction of candidates kept")
 
 
-def _make_scorer(strategy, lw, state, windows: Windows, batch_size, cache, prune_keep):
+def make_scorer(strategy, lw, state, windows: Windows, batch_size, cache, prune_keep) -> PatternScorer:
+    """The scorer of `strategy` (naive, cached, pruned) over `windows`, with its prefix-cache plan."""
+    ids, first_label = windows.input_ids, windows.first_label
     if strategy == "naive":
-        return PatternScorer(lw, state, windows.input_ids, batch_size)
-    plan = plan_cache(lw, windows.input_ids, cache)
+        return PatternScorer(lw, state, ids, batch_size, first_label=first_label)
+    plan = plan_cache(lw, ids, cache)
     if strategy == "cached":
-        return CachedScorer(lw, state, windows.input_ids, batch_size, plan)
-    return PrunedScorer(lw, state, windows.input_ids, batch_size, plan, keep=prune_keep)
+        return CachedScorer(lw, state, ids, batch_size, plan, first_label=first_label)
+    return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, first_label=first_label)
+
+
+@dataclass
+class _Resumable:
+    """A search state with the work already spent on it (zero for a fresh start)."""
+
+    state: SearchState
+    layer_forwards: int = 0
+    seconds: float = 0.0
+
+
+def start_or_resume(state_path: Path, inputs_key: dict, fresh: SearchState, resume: bool, log) -> _Resumable:
+    """`fresh`, or the state saved at `state_path` when resuming a search with the very same inputs."""
+    if not resume:
+        return _Resumable(fresh)
+    saved = _read_state(state_path)
+    if saved["inputs"] != inputs_key:
+        changed = [k for k in inputs_key if saved["inputs"].get(k) != inputs_key[k]]
+        raise IndexCacheError(f"--resume: saved search differs in {', '.join(changed)}; run without --resume")
+    log(f"resuming after step {len(saved['state']['trajectory'])} from {state_path}")
+    return _Resumable(SearchState.from_json(saved["state"]), saved["layer_forwards"], saved["seconds"])
 
 
 def search(
@@ -98,18 +142,19 @@ def search(
     kernels: str = defaults.KERNELS,
     dtype: str = defaults.DTYPE,
     device: str = defaults.DEVICE,
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
     tokenizer: str | None = None,
     observer: Observer | None = None,
     log=print,
+    max_memory: dict | None = None,
 ) -> dict:
     """Greedy IndexCache search; writes the pattern file atomically to `output` and returns its contents.
 
-    `data` is a `DataSpec` (text or input_ids rows through `datasets`) or ready-made `Windows`.
-    The search state is saved beside `output` (`<output>.state.json`) after every step; `resume=True`
-    continues from it and ends with the same pattern as an uninterrupted run.
+    `data` is a `DataSpec` (text or input_ids rows through `datasets`) or ready-made `Windows`. Config, tokenizer
+    and windows are read and checked before the weights load. The search state is saved beside `output`
+    (`<output>.state.json`) after every step; `resume=True` continues from it and ends with the same pattern as
+    an uninterrupted run. `device_map`/`max_memory` go to accelerate (e.g. "auto" and {0: "20GiB", 1: "70GiB"}).
     """
-    data = data or DataSpec()
     output = Path(output)
     _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
     state_path = search_state_path(output)
@@ -121,22 +166,20 @@ def search(
     if resume and not state_path.exists():
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 
-    loaded = load_model(model, dtype, device, device_map, tokenizer)
-    n = loaded.num_layers
+    checkpoint = open_checkpoint(model)
+    n = checkpoint.num_layers
     target = num_full if num_full is not None else num_full_for_ratio(ratio, n)
     if not 1 <= target <= n:
         raise IndexCacheError(f"--num-full {target} must lie between 1 and the number of layers ({n})")
-    if isinstance(data, Windows):
-        windows = data
-    else:
-        windows = make_windows(data, loaded.tokenizer, loaded.text_config.eos_token_id)
     forced = block_starts(n, blocks) if blocks is not None else []
+    windows = calibration_windows(checkpoint, data or DataSpec(), tokenizer)
+    loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
     if len(loaded.indexer_layers) < n:
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
 
-    with _calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
-        scorer = _make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
+    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
+        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
             "data_fingerprint": windows.fingerprint,
@@ -144,24 +187,16 @@ def search(
             "target_full": target,
             "forced_full": forced,
             "batch_size": batch_size,
+            "prune_keep": prune_keep,
             "dtype": str(loaded.model.dtype),
             "kernels": backend,
         }
-        if resume:
-            saved = _read_state(state_path)
-            if saved["inputs"] != inputs_key:
-                changed = [k for k in inputs_key if saved["inputs"].get(k) != inputs_key[k]]
-                raise IndexCacheError(f"--resume: saved search differs in {', '.join(changed)}; run without --resume")
-            state = SearchState.from_json(saved["state"])
-            layer_forwards_before, seconds_before = saved["layer_forwards"], saved["seconds"]
-            log(f"resuming after step {len(state.trajectory)} from {state_path}")
-        else:
-            state = initial_state(n, loaded.indexer_layers, target, forced)
-            layer_forwards_before, seconds_before = 0, 0.0
+        fresh = initial_state(n, loaded.indexer_layers, target, forced)
+        before = start_or_resume(state_path, inputs_key, fresh, resume, log)
         if isinstance(scorer, CachedScorer):
             log(f"strategy {strategy}: {scorer.plan.describe()}")
-        if len(full_layers(state.start_pattern)) <= target:
-            log(f"the checkpoint has only {len(full_layers(state.start_pattern))} indexers: nothing to remove")
+        if len(full_layers(before.state.start_pattern)) <= target:
+            log(f"the checkpoint has only {len(full_layers(before.state.start_pattern))} indexers: nothing to remove")
         started = time.perf_counter()
 
         def save(st: SearchState) -> None:
@@ -170,24 +205,54 @@ def search(
                 {
                     "inputs": inputs_key,
                     "state": st.to_json(),
-                    "layer_forwards": layer_forwards_before + scorer.layer_forwards,
-                    "seconds": seconds_before + time.perf_counter() - started,
+                    "layer_forwards": before.layer_forwards + scorer.layer_forwards,
+                    "seconds": before.seconds + time.perf_counter() - started,
                 },
             )
 
-        state = greedy_search(scorer, state, observer, save)
-        seconds = seconds_before + time.perf_counter() - started
-        final_loss = state.trajectory[-1].loss if state.trajectory else state.loss_all_full
+        state = greedy_search(scorer, before.state, observer, save)
+        run = {
+            "strategy": strategy,
+            "blocks": blocks,
+            "forced_full": forced,
+            "pruning": scorer.describe() if isinstance(scorer, PrunedScorer) else None,
+            "cache": scorer.plan.describe() if isinstance(scorer, CachedScorer) else None,
+            "layer_forwards": before.layer_forwards + scorer.layer_forwards,
+            "seconds": round(before.seconds + time.perf_counter() - started, 3),
+            "device": str(lw.input_device),
+            "layers_on": _layers_on(loaded),
+            "dtype": str(loaded.model.dtype).replace("torch.", ""),
+            "kernels": backend,
+            "batch_size": batch_size,
+        }
 
-    pattern = state.pattern
-    config = loaded.text_config
-    result = {
+    result = pattern_record(loaded, checkpoint, windows, state, ratio if num_full is None else None, run)
+    write_json(output, result)
+    state_path.unlink(missing_ok=True)
+    return result
+
+
+def _layers_on(loaded: LoadedModel) -> dict[str, list[int]]:
+    """device → the decoder layers whose weights live there (several devices under a device map)."""
+    placed: dict[str, list[int]] = {}
+    for i, layer in enumerate(loaded.arch.layers(loaded.model)):
+        placed.setdefault(str(next(layer.parameters()).device), []).append(i)
+    return placed
+
+
+def pattern_record(
+    loaded: LoadedModel, checkpoint: Checkpoint, windows: Windows, state: SearchState, ratio, run: dict
+) -> dict:
+    """The pattern file's contents (schema in `patterns/file.py`) for a finished search."""
+    pattern, n = state.pattern, loaded.num_layers
+    final_loss = state.trajectory[-1].loss if state.trajectory else state.loss_all_full
+    return {
         "schema_version": pattern_file.SCHEMA_VERSION,
         "index_topk_pattern": pattern,
         "full_layers": full_layers(pattern),
         "num_layers": n,
         "num_full": len(full_layers(pattern)),
-        "ratio": ratio if num_full is None else None,
+        "ratio": ratio,
         "description": (
             f"IndexCache pattern for {loaded.name}: {len(full_layers(pattern))} of {n} layers keep their indexer; "
             "S layers reuse the top-k of the nearest preceding F layer"
@@ -197,32 +262,17 @@ def search(
             "model_type": loaded.arch.model_type,
             "config_sha256": loaded.config_sha256,
             "num_layers": n,
-            "index_topk": getattr(config, "index_topk", None),
+            "index_topk": checkpoint.index_topk,
             "indexer_layers": loaded.indexer_layers,
         },
-        "calibration": windows.describe(),
+        "calibration": {**windows.describe(), **windows.selection_coverage(checkpoint.index_topk)},
         "seed": windows.spec.seed,
-        "search": {
-            "strategy": strategy,
-            "blocks": blocks,
-            "forced_full": forced,
-            "pruning": scorer.describe() if isinstance(scorer, PrunedScorer) else None,
-            "cache": scorer.plan.describe() if isinstance(scorer, CachedScorer) else None,
-            "layer_forwards": layer_forwards_before + scorer.layer_forwards,
-            "seconds": round(seconds, 3),
-            "device": str(lw.input_device),
-            "dtype": str(loaded.model.dtype).replace("torch.", ""),
-            "kernels": backend,
-            "batch_size": batch_size,
-        },
+        "search": run,
         "versions": pattern_file.library_versions(),
         "loss_all_full": state.loss_all_full,
         "loss_final": final_loss,
         "trajectory": [s.__dict__ for s in state.trajectory],
     }
-    write_json(output, result)
-    state_path.unlink(missing_ok=True)
-    return result
 
 
 def _named_patterns(data: dict, indexer_layers: list[int]) -> list[tuple[str, str]]:
@@ -234,13 +284,27 @@ def _named_patterns(data: dict, indexer_layers: list[int]) -> list[tuple[str, st
     ]
 
 
-def _held_out_data(data_file: dict, pattern_path) -> tuple[DataSpec, int]:
-    """The pattern's calibration source, and the offset of the first window after its calibration windows."""
+def _held_out_data(data_file: dict, pattern_path, num_samples, seq_len, seed) -> tuple[DataSpec, int]:
+    """The pattern's calibration source, and the offset of the first window after its calibration windows.
+
+    `num_samples` (if given) sets how many held-out windows; a `seq_len` or `seed` other than the calibration's
+    is refused: another window length or order could overlap the calibration windows.
+    """
     calib = data_file.get("calibration")
     fields = ("dataset", "dataset_config", "split", "text_column", "num_samples", "seq_len", "seed")
     if not isinstance(calib, dict) or any(k not in calib for k in (*fields, "window_offset")):
         raise IndexCacheError(f"pattern file {pattern_path} records no calibration data; pass --dataset")
-    return DataSpec(**{k: calib[k] for k in fields}), calib["window_offset"] + calib["num_samples"]
+    for option, value in (("seq-len", seq_len), ("seed", seed)):
+        recorded = calib[option.replace("-", "_")]
+        if value is not None and value != recorded:
+            raise IndexCacheError(
+                f"--{option} {value} differs from the calibration's {recorded}: held-out windows from the pattern's "
+                f"own source keep its window length and seed so they never overlap the calibration windows; "
+                "pass --dataset to evaluate on other windows"
+            )
+    spec = DataSpec(**{k: calib[k] for k in fields}, windows=calib.get("windows", defaults.WINDOWS))
+    offset = calib["window_offset"] + calib["num_samples"]
+    return (replace(spec, num_samples=num_samples) if num_samples is not None else spec), offset
 
 
 def evaluate(
@@ -251,36 +315,39 @@ def evaluate(
     kernels: str = defaults.KERNELS,
     dtype: str = defaults.DTYPE,
     device: str = defaults.DEVICE,
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
     tokenizer: str | None = None,
     json_path: str | Path | None = None,
     log=print,
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
+    max_memory: dict | None = None,
 ) -> list[dict]:
     """Held-out loss of the pattern, of all-F and of the uniform interleave with the same F count.
 
     By default the data is the pattern's own calibration source with the windows that follow the calibration
-    windows in the same seeded order, so the two sets never overlap.
+    windows in the same seeded order, so the two sets never overlap; `num_samples` sets how many (`seq_len` and
+    `seed` must then match the calibration's). With `data`, those three come from the DataSpec instead.
     """
     _check_batch_size(batch_size)
     data_file = pattern_file.read(pattern_path)
     recorded = data_file["model"].get("name")
     if model is None and recorded is None:
         raise IndexCacheError(f"pattern file {pattern_path} names no model; pass --model")
-    data, offset = (data, 0) if data is not None else _held_out_data(data_file, pattern_path)
-    loaded = load_model(
-        model or (None if recorded.startswith("embedded:") else recorded),
-        dtype,
-        device,
-        device_map,
-        tokenizer,
-    )
-    pattern_file.check_matches(data_file, loaded.arch.model_type, loaded.num_layers, loaded.name)
-    if data_file["model"].get("config_sha256") != loaded.config_sha256:
+    if data is None:
+        data, offset = _held_out_data(data_file, pattern_path, num_samples, seq_len, seed)
+    else:
+        offset = 0
+    checkpoint = open_checkpoint(model or (None if recorded.startswith("embedded:") else recorded))
+    pattern_file.check_matches(data_file, checkpoint.arch.model_type, checkpoint.num_layers, checkpoint.recorded)
+    if data_file["model"].get("config_sha256") != checkpoint.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
-    windows = make_windows(data, loaded.tokenizer, loaded.text_config.eos_token_id, offset=offset)
+    windows = calibration_windows(checkpoint, data, tokenizer, offset=offset)
+    loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
     rows = []
-    with _calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
-        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)
+    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
+        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label)
         for name, pattern in _named_patterns(data_file, loaded.indexer_layers):
             rows.append(
                 {
@@ -307,4 +374,13 @@ def evaluate(
     return rows
 
 
-__all__ = ["evaluate", "search", "search_state_path"]
+__all__ = [
+    "calibration_context",
+    "calibration_windows",
+    "evaluate",
+    "make_scorer",
+    "pattern_record",
+    "search",
+    "search_state_path",
+    "start_or_resume",
+]

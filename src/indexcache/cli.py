@@ -41,10 +41,7 @@ def friendly_errors(fn):
         except IndexCacheError as exc:
             _fail(str(exc))
         except torch.cuda.OutOfMemoryError:
-            _fail(
-                "CUDA out of memory: lower --seq-len or --batch-size, use --cache host, or spread the model "
-                "over GPUs with --device-map auto"
-            )
+            _fail(OOM_HINT)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:
@@ -53,10 +50,17 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed):
+# The prefix cache (hidden states and top-k index buffers) follows --cache; model and activations do not.
+OOM_HINT = (
+    "CUDA out of memory: move the prefix cache off the GPU with --cache host (or --cache every:K), lower "
+    "--batch-size or --seq-len, or spread the model over GPUs with --device-map auto"
+)
+
+
+def _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows=defaults.WINDOWS):
     from .calib import DataSpec
 
-    return DataSpec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+    return DataSpec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows)
 
 
 # Options shared by search and eval.
@@ -69,13 +73,23 @@ Dataset = typer.Option(
 DatasetConfig = typer.Option(None, help="Hub dataset configuration name.")
 Split = typer.Option(defaults.SPLIT, help="Dataset split (hub datasets).")
 TextColumn_ = typer.Option(defaults.TEXT_COLUMN, help="Column holding the text.")
-SeqLen = typer.Option(defaults.SEQ_LEN, help="Tokens per calibration window.")
+SeqLen = typer.Option(
+    defaults.SEQ_LEN,
+    show_default="from the model: max(512, 4 × index_topk)",
+    help="Tokens per calibration window, prefix tokens included; must exceed the model's index_topk.",
+)
+Windows_ = typer.Option(
+    defaults.WINDOWS, help="packed (documents joined with EOS, then cut) or document (cut inside single documents)."
+)
 Seed = typer.Option(defaults.SEED, help="Seed for choosing the windows.")
 BatchSize = typer.Option(defaults.BATCH_SIZE, help="Windows per forward.")
 Kernels = typer.Option(defaults.KERNELS, help="auto (Triton on CUDA), triton, or reference (stock transformers).")
 Dtype = typer.Option(defaults.DTYPE, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
 Device = typer.Option(defaults.DEVICE, help="auto, cpu, cuda or cuda:N.")
 DeviceMap = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs (accelerate).")
+MaxMemory = typer.Option(
+    None, "--max-memory", help="Per-device limits for --device-map, e.g. '0=20GiB,1=70GiB,cpu=200GiB'."
+)
 Tokenizer = typer.Option(None, help="Tokenizer folder, when the checkpoint has none.")
 PlotPath = typer.Option(None, "--plot", help="Also draw the pattern (and its trajectory or losses) to this PNG.")
 
@@ -121,8 +135,9 @@ def search(
     split: str = Split,
     text_column: str = TextColumn_,
     num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of calibration windows."),
-    seq_len: int = SeqLen,
+    seq_len: int | None = SeqLen,
     seed: int = Seed,
+    windows: str = Windows_,
     strategy: str = typer.Option(
         defaults.STRATEGY, help="naive, cached (prefix reuse, same answer), pruned, or overlap (one all-F forward)."
     ),
@@ -135,13 +150,15 @@ def search(
     dtype: str = Dtype,
     device: str = Device,
     device_map: str | None = DeviceMap,
+    max_memory: str | None = MaxMemory,
     tokenizer: str | None = Tokenizer,
     plot: Path | None = PlotPath,
 ):
     """Greedy search for the F/S pattern with the lowest calibration loss; writes a pattern JSON."""
     from . import api
+    from .models.loading import parse_max_memory
 
-    data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+    data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows)
     try:
         with Progress(
             TextColumn("{task.description}"),
@@ -171,6 +188,7 @@ def search(
                 tokenizer,
                 observer=_RichObserver(progress),
                 log=lambda m: progress.console.print(m, highlight=False),
+                max_memory=parse_max_memory(max_memory),
             )
     except KeyboardInterrupt:
         if api.search_state_path(output).exists():
@@ -201,24 +219,44 @@ def eval_(
     dataset_config: str | None = DatasetConfig,
     split: str = Split,
     text_column: str = TextColumn_,
-    num_samples: int = typer.Option(defaults.NUM_SAMPLES, help="Number of held-out windows (with --dataset)."),
-    seq_len: int = SeqLen,
-    seed: int = Seed,
+    num_samples: int | None = typer.Option(
+        None, show_default=str(defaults.NUM_SAMPLES), help="Number of held-out windows."
+    ),
+    seq_len: int | None = typer.Option(
+        None,
+        show_default="with --dataset: from the model; else the calibration's",
+        help="Tokens per window; without --dataset it must equal the calibration's (windows stay disjoint).",
+    ),
+    seed: int | None = typer.Option(
+        None, show_default=str(defaults.SEED), help="Window order seed; without --dataset, the calibration's."
+    ),
+    windows: str = Windows_,
     batch_size: int = BatchSize,
     kernels: str = Kernels,
     dtype: str = Dtype,
     device: str = Device,
     device_map: str | None = DeviceMap,
+    max_memory: str | None = MaxMemory,
     tokenizer: str | None = Tokenizer,
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
     plot: Path | None = PlotPath,
 ):
     """Held-out loss of the pattern vs all-F and the uniform interleave with the same number of F layers."""
     from . import api
+    from .models.loading import parse_max_memory
 
     data = None
     if dataset is not None:
-        data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
+        data = _data_spec(
+            dataset,
+            dataset_config,
+            split,
+            text_column,
+            num_samples or defaults.NUM_SAMPLES,
+            seq_len,
+            defaults.SEED if seed is None else seed,
+            windows,
+        )
     rows = api.evaluate(
         pattern,
         model,
@@ -231,6 +269,10 @@ def eval_(
         tokenizer,
         json_path,
         log=lambda m: err.print(m, highlight=False),
+        num_samples=num_samples,
+        seq_len=seq_len,
+        seed=seed,
+        max_memory=parse_max_memory(max_memory),
     )
     table = Table(title=f"held-out loss · {pattern}")
     for col, kw in [

@@ -237,6 +237,8 @@ def distill(
     missing = [f for f in full if f not in loaded.indexer_layers]
     if missing:
         raise IndexCacheError(f"layers {missing} are F in the pattern but have no indexer weights in {model_dir}")
+    if data is not None:  # a window length left to the model: max(512, 4 × index_topk)
+        data = data.with_model_defaults(getattr(loaded.text_config, "index_topk", None))
     windows = training_windows(data_file, data, num_samples, loaded.tokenizer, loaded.model.config.eos_token_id)
 
     # Only the F layers' indexers train; their fp32 master copies are what the optimizer updates.

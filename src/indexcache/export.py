@@ -11,11 +11,38 @@ from pathlib import Path
 
 from .errors import IndexCacheError
 from .models import architecture_for
+from .models.loading import indexer_layers_in, weight_names
 from .patterns import file as pattern_file
-from .patterns.layout import indexer_types
+from .patterns.layout import full_layers, indexer_types
 
 # Keys that express an older sharing schedule; the pattern replaces them.
 _SCHEDULE_KEYS = ("index_topk_freq", "index_skip_topk_offset")
+# Files `apply` writes itself: never linked from the source (a folder made by `apply` has them too).
+_WRITTEN = ("config.json", "indexcache_pattern.json")
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create `path` fresh: never through a symlink or over an existing file (O_EXCL | O_NOFOLLOW)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _check_indexer_weights(pattern: str, model_dir: Path, arch, num_layers: int) -> None:
+    """Refuse a pattern whose F layers have no indexer weights in this checkpoint (they would select at random)."""
+    try:
+        names = weight_names(str(model_dir), model_dir)
+    except Exception as exc:
+        raise IndexCacheError(f"could not list the weights of {model_dir}: {str(exc).splitlines()[0]}") from exc
+    if names is None:
+        raise IndexCacheError(f"{model_dir} holds no .safetensors or .bin weights; point --model at a checkpoint")
+    with_weights = indexer_layers_in(names, arch, num_layers)
+    missing = [i for i in full_layers(pattern) if i not in with_weights]
+    if missing:
+        raise IndexCacheError(
+            f"the pattern makes layers {missing} F but {model_dir} has no indexer weights for them; "
+            "search a pattern on this checkpoint"
+        )
 
 
 def config_with_pattern(config: dict, pattern: str) -> dict:
@@ -60,12 +87,13 @@ def apply_pattern(
     text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     pattern_file.check_matches(data, arch.model_type, text_config.get("num_hidden_layers"), str(model_dir))
 
+    _check_indexer_weights(data["index_topk_pattern"], model_dir, arch, text_config["num_hidden_layers"])
     config = config_with_pattern(config, data["index_topk_pattern"])
     if arch.pattern_note():
         log(arch.pattern_note())
 
     # Listed before staging exists, so an output inside the model folder does not link staging to itself.
-    items = [item for item in sorted(model_dir.iterdir()) if item.name != "config.json"]
+    items = [item for item in sorted(model_dir.iterdir()) if item.name not in _WRITTEN]
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from a serving engine's user
@@ -76,8 +104,8 @@ def apply_pattern(
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
             else:
                 os.symlink(item.resolve(), target)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (staging / "indexcache_pattern.json").write_text(json.dumps(data, indent=2) + "\n")
+        _write_new(staging / "config.json", json.dumps(config, indent=2) + "\n")
+        _write_new(staging / "indexcache_pattern.json", json.dumps(data, indent=2) + "\n")
         os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

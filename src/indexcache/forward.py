@@ -11,15 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import KVSharingDict
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .models import DsaArchitecture
 
-# Logits are materialised for at most this many tokens at a time: [chunk, vocab] fp32.
+# fp32 logits are materialised at most this many at a time ([tokens, vocab slice]), and the head weight is
+# converted to fp32 a slice of at most this many elements at a time.
 LOGIT_CHUNK_ELEMENTS = 2**26
+VOCAB_SLICE_ELEMENTS = 2**26
 
 
 @dataclass
@@ -147,26 +148,53 @@ class LayerwiseModel:
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def nll_sum(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def nll_sum(self, hidden: torch.Tensor, input_ids: torch.Tensor, first_label: int = 1) -> torch.Tensor:
         """Summed next-token NLL per sequence, fp64 [B], from the last layer's output hidden [B, S, D].
 
-        Logits are formed a chunk of tokens at a time so a long window never holds [S, vocab] at once.
+        Scores the tokens at positions `first_label` .. S-1 (a window's prefix tokens, e.g. BOS, are not scored).
+        The LM head runs in fp32 (candidates differ by less than bf16 logits' rounding), a slice of tokens and of
+        the vocabulary at a time, so neither [S, vocab] logits nor an fp32 copy of the head is ever held.
         """
         if self.arch.streams_head:
             hidden = getattr(self.base, self.arch.streams_head)(hidden)
         hidden = self.base.norm(hidden)
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model, self.arch.logit_softcap) if self.arch.logit_softcap else None
-        hidden = hidden.to(head.weight.device, head.weight.dtype)  # hy_v4 keeps its LM head in fp32
-        labels = input_ids.to(hidden.device)[:, 1:]
-        hidden = hidden[:, :-1]
-        batch, positions = labels.shape
-        chunk = max(1, LOGIT_CHUNK_ELEMENTS // (head.weight.shape[0] * batch))
-        total = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
-        for s in range(0, positions, chunk):
-            logits = head(hidden[:, s : s + chunk]).float()
+        hidden = hidden.to(head.weight.device)
+        labels = input_ids.to(hidden.device)[:, first_label:]
+        hidden = hidden[:, first_label - 1 : -1]
+        batch = labels.shape[0]
+        nll = fp32_head_nll(hidden.flatten(0, 1), labels.flatten(), head.weight, head.bias, softcap)
+        return nll.view(batch, -1).sum(-1, dtype=torch.float64).cpu()
+
+
+def fp32_head_nll(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias=None, softcap: float | None = None
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T (+ bias)` (soft-capped: tanh(x / c) · c) against `labels`, fp32 [N],
+    computed in fp32 throughout.
+
+    hidden: [N, D] (any dtype), labels: int [N], weight: [V, D]. The log-sum-exp is combined over vocabulary
+    slices of VOCAB_SLICE_ELEMENTS weights; token chunks keep logits to LOGIT_CHUNK_ELEMENTS.
+    """
+    vocab, dim = weight.shape
+    v_step = max(1, min(vocab, VOCAB_SLICE_ELEMENTS // dim))
+    t_step = max(1, LOGIT_CHUNK_ELEMENTS // v_step)
+    out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+    for t0 in range(0, labels.numel(), t_step):
+        h = hidden[t0 : t0 + t_step].float()
+        lab = labels[t0 : t0 + t_step]
+        log_norm = torch.full(lab.shape, float("-inf"), device=h.device)
+        target = torch.zeros(lab.shape, device=h.device)
+        for v0 in range(0, vocab, v_step):
+            logits = h @ weight[v0 : v0 + v_step].float().T  # [tokens, v_step]
+            if bias is not None:
+                logits += bias[v0 : v0 + v_step].float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
-            nll = F.cross_entropy(logits.flatten(0, 1), labels[:, s : s + chunk].flatten(), reduction="none")
-            total += nll.view(batch, -1).sum(-1, dtype=torch.float64)
-        return total.cpu()
+            log_norm = torch.logaddexp(log_norm, torch.logsumexp(logits, -1))
+            inside = (lab >= v0) & (lab < v0 + logits.shape[1])
+            picked = logits.gather(1, (lab - v0).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+            target = torch.where(inside, picked, target)
+        out[t0 : t0 + t_step] = log_norm - target
+    return out

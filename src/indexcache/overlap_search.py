@@ -53,7 +53,13 @@ def search_by_overlap(
     if not 1 <= target <= n:
         raise IndexCacheError(f"--num-full {target} must lie between 1 and the number of layers ({n})")
     windows = (
-        data if isinstance(data, Windows) else make_windows(data, loaded.tokenizer, loaded.text_config.eos_token_id)
+        data
+        if isinstance(data, Windows)
+        else make_windows(
+            data.with_model_defaults(getattr(loaded.text_config, "index_topk", None)),
+            loaded.tokenizer,
+            loaded.text_config.eos_token_id,
+        )
     )
     forced = block_starts(n, blocks) if blocks is not None else []
     if len(loaded.indexer_layers) < n:

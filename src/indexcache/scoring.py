@@ -45,12 +45,16 @@ class PatternScorer:
 
     strategy = "naive"
 
-    def __init__(self, lw: LayerwiseModel, state: SharingState, windows: torch.Tensor, batch_size: int = 1):
+    def __init__(
+        self, lw: LayerwiseModel, state: SharingState, windows: torch.Tensor, batch_size: int = 1, first_label: int = 1
+    ):
         self.lw = lw
         self.state = state
+        self.batch_size = batch_size
         self.batches = list(windows.split(batch_size))
         self.num_windows = windows.shape[0]
-        self.tokens_per_window = windows.shape[1] - 1
+        self.first_label = first_label  # tokens before it (a window's prefix) are fed but not scored
+        self.tokens_per_window = windows.shape[1] - first_label
         self.layer_forwards = 0
 
     def _mean(self, nll_sums: list[torch.Tensor]) -> float:
@@ -65,7 +69,35 @@ class PatternScorer:
         hidden, inputs = self.lw.embed(ids)
         hidden = self.lw.run_layers(hidden, inputs, 0, self.lw.num_layers)
         self.layer_forwards += self.lw.num_layers * ids.shape[0]
-        return self.lw.nll_sum(hidden, ids)
+        return self._finite(self.lw.nll_sum(hidden, ids, self.first_label), pattern, b)
+
+    def _finite(self, nll: torch.Tensor, pattern: str, b: int) -> torch.Tensor:
+        """`nll` if every value is finite; else stop the run, naming the batch and the first layer that broke.
+
+        A NaN loss would otherwise win a step (`min` keeps a leading NaN) or hide in the all-F baseline.
+        """
+        if bool(torch.isfinite(nll).all()):
+            return nll
+        first = b * self.batch_size
+        windows = f"window {first}" if self.batches[b].shape[0] == 1 else f"windows {first}–{first + len(nll) - 1}"
+        raise IndexCacheError(
+            f"non-finite loss on batch {b} ({windows}) under pattern {pattern}: the hidden states first turn "
+            f"non-finite in {self._first_non_finite(pattern, b)}; check the weights and --dtype"
+        )
+
+    @torch.no_grad()
+    def _first_non_finite(self, pattern: str, b: int) -> str:
+        """Rerun batch `b` one layer at a time and name where the activations stop being finite."""
+        ids = self.batches[b]
+        self.state.pattern = pattern
+        hidden, inputs = self.lw.embed(ids)
+        if not bool(torch.isfinite(hidden).all()):
+            return "the embeddings"
+        for layer in range(self.lw.num_layers):
+            hidden = self.lw.run_layers(hidden, inputs, layer, layer + 1)
+            if not bool(torch.isfinite(hidden).all()):
+                return f"layer {layer}"
+        return "the final norm / LM head"
 
     def loss(self, pattern: str) -> float:
         return self._mean([self._batch_nll(pattern, b) for b in range(len(self.batches))])
@@ -90,9 +122,10 @@ class _Activations:
 
     Attributes:
         hidden: layer → hidden [B, S, D] entering that layer (kept layers only).
-        entering_index: layer → top-k indices [B, S, k] in the buffer when that layer starts.
-        entering_state: layer → the cross-layer state (e.g. shared KV) when that layer starts; None where the
-            family has none.
+        entering_index: kept layer → top-k indices int32 [B, S, k] in the buffer when that layer starts (None
+            before layer 0); layers that share one buffer share one stored tensor.
+        entering_state: kept layer → the cross-layer state (e.g. shared KV) when that layer starts; None where
+            the family has none.
         nll: summed NLL per window, fp64 [B], of the run that produced them.
     """
 
@@ -179,15 +212,14 @@ def parse_cache_option(requested: str) -> tuple[str, int | None]:
 def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto") -> CachePlan:
     """Choose where the prefix cache fits: `device`, `host`, `every:K`, or `auto` (from free memory).
 
-    The cache takes at most half the free memory of its location; `spare` (room for the winner's activations)
-    comes out of what is left up to three quarters.
+    The cache (hidden states and top-k index buffers of the kept layers, `cache_bytes_per_layer`) takes at most
+    half the free memory of its location; `spare` (room for the winner's activations) comes out of what is left
+    up to three quarters.
     """
     kind, every = parse_cache_option(requested)
     on_gpu = lw.input_device.type == "cuda"
     host = "host" if on_gpu else "device"
-    hidden_size = lw.hidden_values_per_token  # × hyper-connection streams where the family has them
-    itemsize = lw.base.embed_tokens.weight.element_size()
-    need = lw.num_layers * windows.numel() * hidden_size * itemsize
+    need = cache_bytes_per_layer(lw, windows) * lw.num_layers
     host_free = _host_available_bytes()
     free = {"host": host_free, "device": torch.cuda.mem_get_info(lw.input_device)[0] if on_gpu else host_free}
 
@@ -206,6 +238,15 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
     return with_spare(host, math.ceil(need / (0.5 * free["host"])))
 
 
+def cache_bytes_per_layer(lw: LayerwiseModel, windows: torch.Tensor) -> int:
+    """Bytes one kept layer costs the cache over all windows: its input hidden states [N, L, D] and, at worst
+    (every layer F, as at the start), its own top-k index buffer [N, L, k] int32."""
+    itemsize = lw.base.embed_tokens.weight.element_size()
+    topk = min(getattr(lw.base.config, "index_topk", 0) or 0, windows.shape[1])
+    # hidden values per token: × hyper-connection streams where the family has them
+    return windows.numel() * (lw.hidden_values_per_token * itemsize + topk * torch.int32.itemsize)
+
+
 def _host_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -222,8 +263,8 @@ class CachedScorer(PatternScorer):
 
     strategy = "cached"
 
-    def __init__(self, lw, state, windows, batch_size=1, plan: CachePlan | None = None):
-        super().__init__(lw, state, windows, batch_size)
+    def __init__(self, lw, state, windows, batch_size=1, plan: CachePlan | None = None, first_label: int = 1):
+        super().__init__(lw, state, windows, batch_size, first_label)
         self.plan = plan or CachePlan()
         self.committed: str | None = None
         self.inputs: list[LayerInputs] = []
@@ -269,15 +310,18 @@ class CachedScorer(PatternScorer):
         self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
         layer_state = self._load_state(entry.entering_state[start])
         host_copies: dict[int, torch.Tensor] = {}
+        source, stored = None, None  # the last index buffer stored, so S layers sharing it store it once
         for layer in range(start, self.lw.num_layers):
-            if into is not None:
-                into.entering_index[layer] = self.state.buffer
+            if into is not None and layer % self.plan.every == 0:
+                if self.state.buffer is not source:
+                    source = self.state.buffer
+                    stored = None if source is None else self._store(source)
+                into.entering_index[layer] = stored
                 into.entering_state[layer] = self._store_state(layer_state, host_copies)
-                if layer % self.plan.every == 0:
-                    into.hidden[layer] = self._store(hidden)
+                into.hidden[layer] = self._store(hidden)
             hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1, layer_state)
         self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
-        nll = self.lw.nll_sum(hidden, self.batches[b])
+        nll = self._finite(self.lw.nll_sum(hidden, self.batches[b], self.first_label), pattern, b)
         if into is not None:
             into.nll = nll
         return nll
@@ -347,8 +391,10 @@ class PrunedScorer(CachedScorer):
 
     strategy = "pruned"
 
-    def __init__(self, lw, state, windows, batch_size=1, plan=None, keep: float = 0.5, min_survivors: int = 2):
-        super().__init__(lw, state, windows, batch_size, plan)
+    def __init__(
+        self, lw, state, windows, batch_size=1, plan=None, keep: float = 0.5, min_survivors: int = 2, first_label=1
+    ):
+        super().__init__(lw, state, windows, batch_size, plan, first_label)
         self.keep = keep
         self.min_survivors = min_survivors
         n = len(self.batches)

@@ -8,6 +8,7 @@ and stop at the target number of F layers. Every candidate's loss is recorded. H
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -107,6 +108,13 @@ class _BestSoFar:
         self.observer.candidate_scored(layer, score, self.best)
 
 
+def _stop_unless_finite(losses: dict[str, float]) -> None:
+    """A NaN must never win a step (`min` keeps a leading NaN) nor pass as a baseline: stop with one line."""
+    bad = [f"{name} ({loss})" for name, loss in losses.items() if not math.isfinite(loss)]
+    if bad:
+        raise IndexCacheError(f"non-finite calibration loss for {', '.join(bad)}; check the weights and --dtype")
+
+
 def greedy_search(
     scorer: PatternScorer,
     state: SearchState,
@@ -119,12 +127,14 @@ def greedy_search(
     loss = scorer.commit(pattern)
     if state.loss_all_full is None:
         state.loss_all_full = loss if loss is not None else scorer.loss(pattern)
+    _stop_unless_finite({"the starting pattern": state.loss_all_full})
     total = len(full_layers(state.start_pattern)) - state.target_full
     while len(full_layers(pattern)) > state.target_full:
         candidates = [i for i in full_layers(pattern) if i != 0 and i not in state.forced_full]
         observer.step_started(len(state.trajectory) + 1, total, candidates)
         report = _BestSoFar(observer, scorer.num_windows)
         scores = scorer.score(pattern, candidates, on_candidate=report)
+        _stop_unless_finite({f"candidate layer {i} → S": s.loss for i, s in scores.items()})
         # Only candidates scored on every window compete (pruning leaves others with partial losses).
         exact = [i for i in candidates if scores[i].windows == scorer.num_windows]
         chosen = min(exact, key=lambda i: (scores[i].loss, i))

@@ -1,10 +1,24 @@
 """Model adapters (one file per DSA family) and checkpoint loading."""
 
 from . import axk2, deepseek_v32, dots3_note, glm_moe_dsa, hy_v4, minimax_m3_vl, mistral_large4, refused  # noqa: F401
-from .loading import LoadedModel, embedded_model_path, load_model
+from .loading import (
+    Checkpoint,
+    LoadedModel,
+    embedded_model_path,
+    load_model,
+    load_tokenizer,
+    load_weights,
+    open_checkpoint,
+    weight_names,
+)
 from .registry import DsaArchitecture, architecture_for, supported_families
 
 __all__ = [
+    "Checkpoint",
+    "load_tokenizer",
+    "load_weights",
+    "open_checkpoint",
+    "weight_names",
     "DsaArchitecture",
     "LoadedModel",
     "architecture_for",

@@ -26,6 +26,34 @@ _DTYPES = {
 
 
 @dataclass
+class Checkpoint:
+    """A checkpoint as known before its weights load: enough to build and check the calibration windows.
+
+    Attributes:
+        name: the resolved folder or hub id; recorded: what pattern files record (`embedded:…` for the default).
+        indexer_layers: layers whose indexer weights the checkpoint lists (every layer when no listing could be
+            read: then the loading report decides, see `load_weights`).
+        config_sha256: hash of the checkpoint's config.json as read (before indexcache changed anything).
+    """
+
+    name: str
+    recorded: str
+    path: Path | None
+    config: object
+    arch: DsaArchitecture
+    config_sha256: str
+    indexer_layers: list[int]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.get_text_config().num_hidden_layers
+
+    @property
+    def index_topk(self) -> int | None:
+        return getattr(self.config.get_text_config(), "index_topk", None)
+
+
+@dataclass
 class LoadedModel:
     """A loaded DSA model and what the pattern file needs to know about it.
 
@@ -71,44 +99,57 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _checkpoint_keys(path: Path) -> set[str] | None:
-    """Every tensor name in a local safetensors checkpoint, from the index or the file headers."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return set(json.loads(index.read_text())["weight_map"])
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    from safetensors import safe_open
+def _local_weight_names(path: Path) -> set[str] | None:
+    """Every tensor name of a local checkpoint: safetensors index or headers, or a `.bin` index or file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).exists():
+            return set(json.loads((path / index).read_text())["weight_map"])
+    if files := sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
 
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
+        keys: set[str] = set()
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                keys.update(handle.keys())
+        return keys
+    if files := sorted(path.glob("*.bin")):
+        keys = set()
+        for f in files:  # memory-mapped: names only, no tensor is read
+            keys.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True).keys())
+        return keys
+    return None
+
+
+def _hub_weight_names(repo_id: str) -> set[str] | None:
+    """Tensor names of a hub checkpoint from its safetensors index or headers, None where the hub is unreachable."""
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        return set(get_safetensors_metadata(repo_id).weight_map)
+    except Exception:  # offline, gated, or not safetensors: the loading report decides after the load
+        return None
+
+
+def weight_names(checkpoint: str, path: Path | None) -> set[str] | None:
+    """Every tensor name the checkpoint holds, read without loading a weight; None when no listing is reachable."""
+    return _local_weight_names(path) if path is not None else _hub_weight_names(checkpoint)
+
+
+def indexer_layers_in(names: set[str] | None, arch: DsaArchitecture, num_layers: int) -> list[int]:
+    if names is None:
+        return list(range(num_layers))
+    prefixes = [arch.checkpoint_indexer_prefixes(i) for i in range(num_layers)]
+    return [i for i in range(num_layers) if any(k.startswith(prefixes[i]) for k in names)]
 
 
 def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-def load_model(
-    model: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    device_map: str | None = None,
-    tokenizer: str | None = None,
-) -> LoadedModel:
-    """Load `model` (a local checkpoint folder, or a hub id where the network allows; None = embedded tiny model).
-
-    Layers whose checkpoint has indexer weights are built with their indexer even when config.json carries a
-    sharing pattern (`index_topk_pattern`, `index_topk_freq`, `indexer_types`), so the search can use them.
-    """
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+def open_checkpoint(model: str | None = None) -> Checkpoint:
+    """Read `model`'s config and weight listing (a local folder, a hub id where the network allows, None = the
+    embedded tiny model), without loading a weight: enough to build and check the data first."""
+    from transformers import AutoConfig
 
     name = model or str(embedded_model_path())
     path = Path(name).expanduser()
@@ -124,48 +165,131 @@ def load_model(
         raise IndexCacheError(f"could not read the model config of {name}: {str(exc).splitlines()[0]}") from exc
     arch = architecture_for(getattr(config, "model_type", None))
     config_text = (path / "config.json").read_bytes() if path.exists() else json.dumps(config.to_dict()).encode()
-
+    local = Path(name) if path.exists() else None
     # A vision-language checkpoint (mistral_large4, hy_v4_vl) keeps the DSA settings on its text config.
     text_config = config.get_text_config()
     num_layers = text_config.num_hidden_layers
-    keys = _checkpoint_keys(path) if path.exists() else None
-    if keys is None:
-        with_weights = list(range(num_layers))
-    else:
-        prefixes = [arch.checkpoint_indexer_prefixes(i) for i in range(num_layers)]
-        with_weights = [i for i in range(num_layers) if any(k.startswith(prefixes[i]) for k in keys)]
+    with_weights = indexer_layers_in(weight_names(name, local), arch, num_layers)
     if hasattr(text_config, "indexer_types"):
+        # Build an indexer on every layer that has weights, even where config.json carries a sharing pattern.
         text_config.indexer_types = ["full" if i in with_weights else "shared" for i in range(num_layers)]
+    return Checkpoint(
+        name=name,
+        recorded=name if model else "embedded:" + EMBEDDED_MODEL,
+        path=local,
+        config=config,
+        arch=arch,
+        config_sha256=hashlib.sha256(config_text).hexdigest(),
+        indexer_layers=with_weights,
+    )
 
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def load_tokenizer(checkpoint: Checkpoint, tokenizer: str | None = None, required: bool = True):
+    """The tokenizer of `tokenizer` (a folder or hub id) or of the checkpoint.
+
+    A checkpoint folder without tokenizer files gives None when not `required`; any other failure is its own
+    one-line error, never swallowed.
+    """
+    from transformers import AutoTokenizer
+
+    source = tokenizer or checkpoint.name
+    local = Path(source).expanduser()
+    if tokenizer is None and checkpoint.path is not None and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        if not required:
+            return None
+        raise IndexCacheError(f"{source} has no tokenizer files; pass --tokenizer or use input_ids rows")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IndexCacheError(f"could not load the tokenizer from {source}: {first}") from exc
+
+
+def load_weights(
+    checkpoint: Checkpoint,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    tokenizer=None,
+) -> LoadedModel:
+    """Load the weights of an opened checkpoint with transformers' own classes.
+
+    A layer whose indexer weights the checkpoint turns out not to hold (transformers reports them missing and
+    initialises them at random) loses its indexer module, so it can never be F.
+    """
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     try:
-        loaded = getattr(transformers, arch.auto_class).from_pretrained(
-            name,
-            config=config,
+        loaded, info = getattr(transformers, checkpoint.arch.auto_class).from_pretrained(
+            checkpoint.name,
+            config=checkpoint.config,
             dtype=torch_dtype,
             device_map=device_map,
+            max_memory=max_memory,
             attn_implementation="eager",
+            output_loading_info=True,
         )
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:
-        raise IndexCacheError(f"could not load model weights from {name}: {str(exc).splitlines()[0]}") from exc
+        raise IndexCacheError(
+            f"could not load model weights from {checkpoint.name}: {str(exc).splitlines()[0]}"
+        ) from exc
     if device_map is None:
         loaded.to(device)
     loaded.eval()
-
-    tok = None
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or name)
-    except Exception:
-        if tokenizer is not None:
-            raise IndexCacheError(f"could not load a tokenizer from {tokenizer}") from None
+    arch = checkpoint.arch
+    missing = set(info.get("missing_keys", ()))
+    with_weights = [
+        i for i in checkpoint.indexer_layers if not any(k.startswith(arch.indexer_weight_prefix(i)) for k in missing)
+    ]
+    for i, layer in enumerate(arch.layers(loaded)):
+        if i not in with_weights and getattr(arch.attention(layer), arch.indexer_attr, None) is not None:
+            setattr(arch.attention(layer), arch.indexer_attr, None)  # random weights: never let it be F
     return LoadedModel(
         model=loaded,
         arch=arch,
-        tokenizer=tok,
-        name=name if model else "embedded:" + EMBEDDED_MODEL,
-        config_sha256=hashlib.sha256(config_text).hexdigest(),
-        indexer_layers=[i for i in range(num_layers) if i in with_weights],
+        tokenizer=tokenizer,
+        name=checkpoint.recorded,
+        config_sha256=checkpoint.config_sha256,
+        indexer_layers=with_weights,
     )
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """`--max-memory "0=20GiB,1=70GiB,cpu=200GiB"` → accelerate's {0: "20GiB", 1: "70GiB", "cpu": "200GiB"}."""
+    if text is None:
+        return None
+    limits = {}
+    for part in text.split(","):
+        device, sep, size = part.strip().partition("=")
+        if not sep or not device or not size:
+            raise IndexCacheError(f"--max-memory {text!r}: give DEVICE=SIZE pairs such as 0=20GiB,1=70GiB,cpu=200GiB")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
+
+
+def load_model(
+    model: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    tokenizer: str | None = None,
+    max_memory: dict | None = None,
+) -> LoadedModel:
+    """Open, tokenizer (if the checkpoint has one) and weights in one call, for scripts and tests.
+
+    Layers whose checkpoint has indexer weights are built with their indexer even when config.json carries a
+    sharing pattern (`index_topk_pattern`, `index_topk_freq`, `indexer_types`), so the search can use them.
+    """
+    checkpoint = open_checkpoint(model)
+    tok = load_tokenizer(checkpoint, tokenizer, required=tokenizer is not None)
+    return load_weights(checkpoint, dtype, device, device_map, max_memory, tok)
