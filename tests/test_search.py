@@ -143,6 +143,14 @@ def test_cache_plan_follows_free_memory(monkeypatch):
     assert plan_cache(lw, windows).every == 2
 
 
+def test_device_free_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """After one run in the process, PyTorch keeps freed blocks reserved; the driver reports them as used."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 50 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 20 << 30)
+    assert scoring.device_free_bytes(torch.device("cuda", 0)) == 40 << 30
+
+
 def test_index_buffers_are_stored_with_the_hidden_states_once_per_buffer(monkeypatch):
     """`--cache host` must move the [B, S, k] index buffers too, and S layers sharing one must not copy it."""
     stored = []

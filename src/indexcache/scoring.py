@@ -221,7 +221,7 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
     host = "host" if on_gpu else "device"
     need = cache_bytes_per_layer(lw, windows) * lw.num_layers
     host_free = _host_available_bytes()
-    free = {"host": host_free, "device": torch.cuda.mem_get_info(lw.input_device)[0] if on_gpu else host_free}
+    free = {"host": host_free, "device": device_free_bytes(lw.input_device) if on_gpu else host_free}
 
     def with_spare(location: str, every: int) -> CachePlan:
         kept = need / every
@@ -245,6 +245,14 @@ def cache_bytes_per_layer(lw: LayerwiseModel, windows: torch.Tensor) -> int:
     topk = min(getattr(lw.base.config, "index_topk", 0) or 0, windows.shape[1])
     # hidden values per token: × hyper-connection streams where the family has them
     return windows.numel() * (lw.hidden_values_per_token * itemsize + topk * torch.int32.itemsize)
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """What this process can still allocate on `device`: the driver's free memory plus what PyTorch's caching
+    allocator holds unused. The driver alone counts a finished run's cached blocks as taken, so a second search in
+    the same process (a benchmark, a notebook) would see too little and put the cache in slow host memory."""
+    held_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + held_unused
 
 
 def _host_available_bytes() -> int:
