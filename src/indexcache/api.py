@@ -158,11 +158,10 @@ def search(
     output = Path(output)
     _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
     state_path = search_state_path(output)
-    if strategy == "overlap":
-        from .overlap_search import search_by_overlap
-
-        load = (model, dtype, device, device_map, tokenizer)
-        return search_by_overlap(load, ratio, num_full, data, output, blocks, resume, batch_size, kernels, log)
+    if strategy == "overlap" and resume:
+        raise IndexCacheError(
+            "--resume continues a greedy search; --strategy overlap runs in two forwards, run it again"
+        )
     if resume and not state_path.exists():
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 
@@ -177,6 +176,10 @@ def search(
     if len(loaded.indexer_layers) < n:
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
+    if strategy == "overlap":
+        from .overlap_search import search_by_overlap
+
+        return search_by_overlap(loaded, windows, target, forced, ratio, num_full, output, blocks, batch_size, kernels)
 
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
         scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)

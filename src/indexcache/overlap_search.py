@@ -16,58 +16,32 @@ import torch
 from .analyze import analyze_windows, matrix_sha256, model_record
 from .atomic import write_json
 from .backends import kernels_installed
-from .calib import DataSpec, Windows, make_windows
+from .calib import Windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
-from .models import load_model
+from .models import LoadedModel
 from .overlap import best_full_layers, retained_overlap
 from .patterns import file as pattern_file
-from .patterns.layout import from_full_layers, num_full_for_ratio
+from .patterns.layout import from_full_layers
 from .scoring import PatternScorer
-from .search import block_starts
 
 
 def search_by_overlap(
-    load: tuple,
+    loaded: LoadedModel,
+    windows: Windows,
+    target: int,
+    forced: list[int],
     ratio: float | None,
     num_full: int | None,
-    data: DataSpec | Windows,
     output: Path,
     blocks: int | None,
-    resume: bool,
     batch_size: int,
     kernels: str,
-    log=print,
 ) -> dict:
-    """The F layers that maximise the retained top-k overlap; writes the pattern file to `output`, returns it.
-
-    `load` holds `load_model`'s arguments (model, dtype, device, device_map, tokenizer).
-    """
-    if resume:
-        raise IndexCacheError(
-            "--resume continues a greedy search; --strategy overlap runs in two forwards, run it again"
-        )
-    loaded = load_model(*load)
+    """The `target` F layers (with the `forced` block starts) that maximise the retained top-k overlap on
+    `windows`; writes the pattern file to `output` and returns it. `api.search` builds the windows and loads the
+    weights, in that order, as for the greedy search."""
     n = loaded.num_layers
-    target = num_full if num_full is not None else num_full_for_ratio(ratio, n)
-    if not 1 <= target <= n:
-        raise IndexCacheError(f"--num-full {target} must lie between 1 and the number of layers ({n})")
-    windows = (
-        data
-        if isinstance(data, Windows)
-        else make_windows(
-            data.with_model_defaults(getattr(loaded.text_config, "index_topk", None)),
-            loaded.tokenizer,
-            loaded.text_config.eos_token_id,
-        )
-    )
-    forced = block_starts(n, blocks) if blocks is not None else []
-    if len(loaded.indexer_layers) < n:
-        missing = sorted(set(range(n)) - set(loaded.indexer_layers))
-        log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; choosing among the rest")
-    if target > len(loaded.indexer_layers):
-        log(f"the checkpoint has only {len(loaded.indexer_layers)} indexers: nothing to remove")
-
     started = time.perf_counter()
     analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)
     full = best_full_layers(analysis.overlap, min(target, len(loaded.indexer_layers)), loaded.indexer_layers, forced)
