@@ -179,7 +179,16 @@ def search(
     if strategy == "overlap":
         from .overlap_search import search_by_overlap
 
-        return search_by_overlap(loaded, windows, target, forced, ratio, num_full, output, blocks, batch_size, kernels)
+        pattern, loss_all_full, loss_final, run = search_by_overlap(
+            loaded, windows, target, forced, blocks, batch_size, kernels
+        )
+        state = SearchState(pattern, target, forced, loss_all_full)
+        run["layers_on"] = _layers_on(loaded)
+        result = pattern_record(
+            loaded, checkpoint, windows, state, ratio if num_full is None else None, run, loss_final
+        )
+        write_json(output, result)
+        return result
 
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
         scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
@@ -244,11 +253,19 @@ def _layers_on(loaded: LoadedModel) -> dict[str, list[int]]:
 
 
 def pattern_record(
-    loaded: LoadedModel, checkpoint: Checkpoint, windows: Windows, state: SearchState, ratio, run: dict
+    loaded: LoadedModel,
+    checkpoint: Checkpoint,
+    windows: Windows,
+    state: SearchState,
+    ratio,
+    run: dict,
+    loss_final: float | None = None,
 ) -> dict:
-    """The pattern file's contents (schema in `patterns/file.py`) for a finished search."""
+    """The pattern file's contents (schema in `patterns/file.py`) for a finished search. `loss_final` defaults to
+    the last greedy step's loss; the overlap strategy, which has no steps, measures it and passes it."""
     pattern, n = state.pattern, loaded.num_layers
-    final_loss = state.trajectory[-1].loss if state.trajectory else state.loss_all_full
+    if loss_final is None:
+        loss_final = state.trajectory[-1].loss if state.trajectory else state.loss_all_full
     return {
         "schema_version": pattern_file.SCHEMA_VERSION,
         "index_topk_pattern": pattern,
@@ -273,7 +290,7 @@ def pattern_record(
         "search": run,
         "versions": pattern_file.library_versions(),
         "loss_all_full": state.loss_all_full,
-        "loss_final": final_loss,
+        "loss_final": loss_final,
         "trajectory": [s.__dict__ for s in state.trajectory],
     }
 

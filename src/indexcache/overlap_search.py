@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 
-from .analyze import analyze_windows, matrix_sha256, model_record
-from .atomic import write_json
+from .analyze import analyze_windows, matrix_sha256
 from .backends import kernels_installed
 from .calib import Windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .models import LoadedModel
 from .overlap import best_full_layers, retained_overlap
-from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers
 from .scoring import PatternScorer
 
@@ -31,16 +28,13 @@ def search_by_overlap(
     windows: Windows,
     target: int,
     forced: list[int],
-    ratio: float | None,
-    num_full: int | None,
-    output: Path,
     blocks: int | None,
     batch_size: int,
     kernels: str,
-) -> dict:
+) -> tuple[str, float, float, dict]:
     """The `target` F layers (with the `forced` block starts) that maximise the retained top-k overlap on
-    `windows`; writes the pattern file to `output` and returns it. `api.search` builds the windows and loads the
-    weights, in that order, as for the greedy search."""
+    `windows`. Returns (pattern, all-F loss, pattern loss, the pattern file's `search` record); `api.search`
+    builds the windows, loads the weights and writes the file, as for the greedy search."""
     n = loaded.num_layers
     started = time.perf_counter()
     analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)
@@ -53,45 +47,23 @@ def search_by_overlap(
         loss_final = scorer.loss(pattern)
     if not math.isfinite(loss_final):
         raise IndexCacheError(f"the chosen pattern {pattern} gives a non-finite calibration loss ({loss_final})")
-    seconds = time.perf_counter() - started
-
-    result = {
-        "schema_version": pattern_file.SCHEMA_VERSION,
-        "index_topk_pattern": pattern,
-        "full_layers": full,
-        "num_layers": n,
-        "num_full": len(full),
-        "ratio": ratio if num_full is None else None,
-        "description": (
-            f"IndexCache pattern for {loaded.name}: {len(full)} of {n} layers keep their indexer, chosen to keep the "
-            "most cross-layer top-k overlap; S layers reuse the top-k of the nearest preceding F layer"
-        ),
-        "model": model_record(loaded),
-        "calibration": windows.describe(),
-        "seed": windows.spec.seed,
-        "search": {
-            "strategy": "overlap",
-            "blocks": blocks,
-            "forced_full": forced,
-            "pruning": None,
-            "cache": None,
-            "layer_forwards": analysis.layer_forwards + scorer.layer_forwards,
-            "seconds": round(seconds, 3),
-            "device": str(lw.input_device),
-            "dtype": str(loaded.model.dtype).replace("torch.", ""),
-            "kernels": backend,
-            "batch_size": batch_size,
-            "overlap": {
-                "retained_overlap": retained_overlap(pattern, analysis.overlap, loaded.indexer_layers),
-                "matrix_sha256": matrix_sha256(analysis.overlap),
-                "matrix": analysis.overlap,
-                "positions": analysis.positions,
-            },
+    run = {
+        "strategy": "overlap",
+        "blocks": blocks,
+        "forced_full": forced,
+        "pruning": None,
+        "cache": None,
+        "layer_forwards": analysis.layer_forwards + scorer.layer_forwards,
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": str(lw.input_device),
+        "dtype": str(loaded.model.dtype).replace("torch.", ""),
+        "kernels": backend,
+        "batch_size": batch_size,
+        "overlap": {
+            "retained_overlap": retained_overlap(pattern, analysis.overlap, loaded.indexer_layers),
+            "matrix_sha256": matrix_sha256(analysis.overlap),
+            "matrix": analysis.overlap,
+            "positions": analysis.positions,
         },
-        "versions": pattern_file.library_versions(),
-        "loss_all_full": analysis.loss_all_full,
-        "loss_final": loss_final,
-        "trajectory": [],
     }
-    write_json(output, result)
-    return result
+    return pattern, analysis.loss_all_full, loss_final, run
