@@ -64,7 +64,7 @@ def check_window_length(seq_len: int, index_topk: int | None) -> None:
     if index_topk is not None and seq_len <= index_topk:
         raise IndexCacheError(
             f"windows of {seq_len} tokens are not longer than the model's index_topk ({index_topk}): every key "
-            f"is selected, so all patterns score the same; use --seq-len {default_seq_len(index_topk)} or more"
+            f"is in the top-k, so all patterns score the same; use --seq-len {default_seq_len(index_topk)} or more"
         )
 
 

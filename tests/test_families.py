@@ -29,26 +29,12 @@ from tiny_families import (
     minimax_m3_vl_model,
     mistral_large4_model,
 )
-from tiny_models import deepseek_model, glm_model, random_ids
+from tiny_models import deepseek_model, glm_model, patched_loss, random_ids, stock_loss
 
 SEQ = 40  # index_topk 8 ≪ 40: selection matters in every layer
 BUILDERS = {"mistral_large4": mistral_large4_model, "hy_v4": hy_v4_model, "hy_v4_vl": hy_v4_vl_model}
 # Every layer F, alternating, one long S run, S right after F at the NoPE / shared-KV layers, late F.
 PATTERNS = ["FFFFFF", "FSFSFS", "FSSSSS", "FFSSFS", "FSSFSF"]
-
-
-def _patched_loss(model, arch, pattern: str, ids: torch.Tensor) -> tuple[float, dict]:
-    lw = LayerwiseModel(model, arch)
-    with torch.no_grad(), index_sharing(model, arch, pattern) as state:
-        hidden, inputs = lw.embed(ids)
-        hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
-        loss = lw.nll_sum(hidden, ids).sum().item() / (ids.shape[0] * (ids.shape[1] - 1))
-    return loss, dict(state.indexer_calls)
-
-
-def _stock_loss(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        return model(ids, labels=ids).loss.item()
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -64,8 +50,8 @@ def test_patched_loss_matches_stock_sharing(family, pattern):
     }
     ids = random_ids(2, SEQ, seed=3)
 
-    ours, calls = _patched_loss(model, architecture_for(family), pattern, ids)
-    assert ours == pytest.approx(_stock_loss(stock, ids), rel=1e-5)
+    ours, calls = patched_loss(model, architecture_for(family), pattern, ids)
+    assert ours == pytest.approx(stock_loss(stock, ids), rel=1e-5)
     assert sorted(calls) == [i for i, c in enumerate(pattern) if c == "F"]
 
 
@@ -74,7 +60,7 @@ def test_patterns_change_the_loss(family):
     """Guard against an oracle that passes because sharing never matters on these tiny models."""
     model = BUILDERS[family](seed=1)
     ids = random_ids(2, SEQ, seed=3)
-    losses = {p: _patched_loss(model, architecture_for(family), p, ids)[0] for p in PATTERNS}
+    losses = {p: patched_loss(model, architecture_for(family), p, ids)[0] for p in PATTERNS}
     assert len({round(v, 6) for v in losses.values()}) == len(PATTERNS)
 
 
@@ -96,8 +82,8 @@ def test_every_layer_indexer_family_all_full_matches_stock_and_s_layers_reuse_in
     model = build(seed=0)
     arch = architecture_for(family)
     ids = random_ids(2, SEQ)
-    loss, calls = _patched_loss(model, arch, all_full, ids)
-    assert loss == pytest.approx(_stock_loss(model, ids), rel=1e-5)
+    loss, calls = patched_loss(model, arch, all_full, ids)
+    assert loss == pytest.approx(stock_loss(model, ids), rel=1e-5)
     assert sorted(calls) == [i for i, c in enumerate(all_full) if c == "F"]
 
     seen = {}  # layer -> the selection its attention received from the indexer slot (our switch)
@@ -231,7 +217,7 @@ def test_cli_round_trip(family, text_file, tmp_path):
     assert built_shared == ([c == "S" for c in pattern] if arch.honours_pattern else dense)
     if arch.honours_pattern:
         ids = random_ids(2, SEQ, seed=5)
-        assert _stock_loss(stock, ids) == pytest.approx(_patched_loss(model, arch, pattern, ids)[0], rel=1e-5)
+        assert stock_loss(stock, ids) == pytest.approx(patched_loss(model, arch, pattern, ids)[0], rel=1e-5)
 
 
 def test_refused_family_checkpoint_fails_the_cli_with_its_reason(tmp_path, text_file):

@@ -5,15 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from transformers import GlmMoeDsaForCausalLM
 
-from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
 from indexcache.patch import index_sharing
 from indexcache.patterns.layout import random_pattern, uniform
 
-from tiny_models import deepseek_model, glm_config, glm_model, random_ids
+from tiny_models import deepseek_model, glm_config, glm_model, patched_loss, random_ids, stock_loss
 
 NUM_LAYERS = 7
 SEQ = 40  # index_topk 8 ≪ 40, so selection matters in every layer
@@ -29,20 +27,6 @@ def _patterns(seed: int) -> list[tuple[str, str]]:
         ("long-S-run", "F" + "S" * (NUM_LAYERS - 1)),
         ("late-F", "F" + "S" * (NUM_LAYERS - 3) + "FS"),
     ]
-
-
-def _patched_loss(model, arch, pattern: str, ids: torch.Tensor) -> tuple[float, dict]:
-    lw = LayerwiseModel(model, arch)
-    with torch.no_grad(), index_sharing(model, arch, pattern) as state:
-        hidden, inputs = lw.embed(ids)
-        hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
-        loss = lw.nll_sum(hidden, ids).sum().item() / (ids.shape[0] * (ids.shape[1] - 1))
-    return loss, dict(state.indexer_calls)
-
-
-def _stock_loss(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        return model(ids, labels=ids).loss.item()
 
 
 CASES = [
@@ -64,8 +48,8 @@ def test_patched_glm_matches_stock_pattern(seed, name, pattern):
     assert not missing
     assert [a.self_attn.indexer is None for a in stock.model.layers] == [c == "S" for c in pattern]
 
-    ours, calls = _patched_loss(model, architecture_for("glm_moe_dsa"), pattern, ids)
-    assert ours == pytest.approx(_stock_loss(stock, ids), rel=1e-4)
+    ours, calls = patched_loss(model, architecture_for("glm_moe_dsa"), pattern, ids)
+    assert ours == pytest.approx(stock_loss(stock, ids), rel=1e-4)
     assert sorted(calls) == [i for i, c in enumerate(pattern) if c == "F"]
 
 
@@ -74,7 +58,7 @@ def test_patterns_change_the_loss():
     model = glm_model(seed=0, num_layers=NUM_LAYERS)
     ids = random_ids(2, SEQ)
     arch = architecture_for("glm_moe_dsa")
-    losses = {p: _patched_loss(model, arch, p, ids)[0] for _, p in _patterns(0)}
+    losses = {p: patched_loss(model, arch, p, ids)[0] for _, p in _patterns(0)}
     assert len({round(v, 6) for v in losses.values()}) >= 4
 
 
@@ -82,12 +66,12 @@ def test_patch_restores_model():
     model = glm_model(seed=0, num_layers=NUM_LAYERS)
     arch = architecture_for("glm_moe_dsa")
     ids = random_ids(2, SEQ)
-    before = _stock_loss(model, ids)
+    before = stock_loss(model, ids)
     originals = [layer.self_attn.indexer for layer in model.model.layers]
     with index_sharing(model, arch, "F" + "S" * (NUM_LAYERS - 1)):
-        assert _stock_loss(model, ids) != pytest.approx(before, rel=1e-6)  # the patch took effect
+        assert stock_loss(model, ids) != pytest.approx(before, rel=1e-6)  # the patch took effect
     assert [layer.self_attn.indexer for layer in model.model.layers] == originals
-    assert _stock_loss(model, ids) == before
+    assert stock_loss(model, ids) == before
 
 
 def test_layers_without_indexer_weights_cannot_be_full():
@@ -104,10 +88,10 @@ def test_deepseek_all_full_matches_stock_and_shared_layers_skip_indexer():
     model = deepseek_model(seed=0, num_layers=5)
     arch = architecture_for("deepseek_v32")
     ids = random_ids(2, SEQ)
-    loss, calls = _patched_loss(model, arch, "FFFFF", ids)
-    assert loss == pytest.approx(_stock_loss(model, ids), rel=1e-4)
+    loss, calls = patched_loss(model, arch, "FFFFF", ids)
+    assert loss == pytest.approx(stock_loss(model, ids), rel=1e-4)
     assert calls == {i: 1 for i in range(5)}
 
-    shared_loss, calls = _patched_loss(model, arch, "FSSFS", ids)
+    shared_loss, calls = patched_loss(model, arch, "FSSFS", ids)
     assert calls == {0: 1, 3: 1}
     assert shared_loss != pytest.approx(loss, rel=1e-6)

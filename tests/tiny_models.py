@@ -75,3 +75,22 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 def random_ids(num: int, length: int, seed: int = 0) -> torch.Tensor:
     """int64 [num, length] token windows."""
     return torch.randint(2, VOCAB, (num, length), generator=torch.Generator().manual_seed(seed))
+
+
+def patched_loss(model, arch, pattern: str, ids: torch.Tensor) -> tuple[float, dict]:
+    """Mean next-token NLL under our F/S patch with `pattern`, and how often each layer's indexer ran."""
+    from indexcache.forward import LayerwiseModel
+    from indexcache.patch import index_sharing
+
+    lw = LayerwiseModel(model, arch)
+    with torch.no_grad(), index_sharing(model, arch, pattern) as state:
+        hidden, inputs = lw.embed(ids)
+        hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
+        loss = lw.nll_sum(hidden, ids).sum().item() / (ids.shape[0] * (ids.shape[1] - 1))
+    return loss, dict(state.indexer_calls)
+
+
+def stock_loss(model, ids: torch.Tensor) -> float:
+    """The stock model's own loss (its own `indexer_types`)."""
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.item()

@@ -25,11 +25,12 @@ import torch
 from . import defaults
 from .atomic import write_json
 from .backends import indexer_inputs, kernels_installed
-from .calib import DataSpec, Windows, make_windows
+from .calib import DataSpec, Windows
 from .errors import IndexCacheError
 from .forward import LayerwiseModel
 from .kernels.indexer import index_scores_reference
-from .models import DsaArchitecture, LoadedModel, load_model
+from .models import DsaArchitecture, LoadedModel
+from .models.loading import load_weights, open_checkpoint
 from .patch import IndexerFn
 from .patterns import file as pattern_file
 
@@ -202,17 +203,11 @@ def analyze(
     output_dir = Path(output_dir)
     if output_dir.is_file():
         raise IndexCacheError(f"output {output_dir} is a file; give a folder to write analysis.json and overlap.png")
-    loaded = load_model(model, dtype, device, device_map, tokenizer)
-    data = data or DataSpec()
-    windows = (
-        data
-        if isinstance(data, Windows)
-        else make_windows(
-            data.with_model_defaults(getattr(loaded.text_config, "index_topk", None)),
-            loaded.tokenizer,
-            loaded.text_config.eos_token_id,
-        )
-    )
+    from .api import calibration_windows  # the search's own steps: data checked before the weights load
+
+    checkpoint = open_checkpoint(model)
+    windows = calibration_windows(checkpoint, data or DataSpec(), tokenizer)
+    loaded = load_weights(checkpoint, dtype, device, device_map)
     started = time.perf_counter()
     analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)
     result = {
