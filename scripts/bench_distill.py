@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from indexcache.calib import DataSpec, make_windows
-from indexcache.distill import GroupDistiller, distill_context, indexer_parameters, optimizer_step
-from indexcache.forward import LayerwiseModel
+from indexcache.distill.train import GroupDistiller, distill_context, indexer_parameters, optimizer_step
 from indexcache.models import load_model
-from indexcache.patch import index_sharing
 from indexcache.patterns.file import library_versions
 from indexcache.patterns.layout import full_layers
-from indexcache.scoring import PatternScorer
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing
+from indexcache.search.scoring import PatternScorer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import torch
 
-from indexcache.absorbed import absorbed_attention, dense_weight
-from indexcache.backends import kernel_indexer, kernels_installed
-from indexcache.bench import LayerStack, build_stack, time_forward
-from indexcache.forward import LayerwiseModel
+from indexcache.bench.prefill import LayerStack, build_stack, time_forward
 from indexcache.kernels import sparse_attention as sparse_module
 from indexcache.kernels import wiring
 from indexcache.kernels.backend import forced
-from indexcache.patch import index_sharing, reference_indexer
 from indexcache.patterns.file import library_versions
+from indexcache.runtime.absorbed import absorbed_attention, dense_weight
+from indexcache.runtime.backends import kernel_indexer, kernels_installed
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing, reference_indexer
 
 
 def configs(tiny: bool) -> dict:

@@ -31,8 +31,8 @@ import torch
 
 from indexcache import api
 from indexcache.calib import windows_from_tensor
-from indexcache.forward import LayerwiseModel
 from indexcache.patterns.file import library_versions
+from indexcache.runtime.forward import LayerwiseModel
 
 SHAPES = {
     "gpu": dict(

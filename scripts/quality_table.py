@@ -29,14 +29,14 @@ import torch
 from indexcache import api
 from indexcache.analyze import analyze_windows
 from indexcache.calib import DataSpec, Windows, make_windows
-from indexcache.distill import distill
-from indexcache.forward import LayerwiseModel
+from indexcache.distill.train import distill
 from indexcache.models import load_model
-from indexcache.overlap import best_pattern, retained_overlap
-from indexcache.patch import index_sharing, reference_indexer
 from indexcache.patterns.file import library_versions
 from indexcache.patterns.layout import num_full_for_ratio, random_pattern, uniform
-from indexcache.scoring import PatternScorer
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing, reference_indexer
+from indexcache.search.overlap import best_pattern, retained_overlap
+from indexcache.search.scoring import PatternScorer
 
 RESULTS = Path(__file__).parent / "results"
 MANIFEST = Path(__file__).parent / "data" / "tiny_corpus_manifest.json"

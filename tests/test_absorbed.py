@@ -15,13 +15,13 @@ if not torch.cuda.is_available():
     use_triton_interpreter()
 
 from indexcache import defaults  # noqa: E402
-from indexcache.absorbed import AbsorbedWeights, absorbed_attention, dense_weight  # noqa: E402
-from indexcache.backends import kernel_indexer, kernels_installed, select_backend  # noqa: E402
-from indexcache.forward import LayerwiseModel  # noqa: E402
 from indexcache.kernels import wiring  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
-from indexcache.patch import index_sharing  # noqa: E402
+from indexcache.runtime.absorbed import AbsorbedWeights, absorbed_attention, dense_weight  # noqa: E402
+from indexcache.runtime.backends import kernel_indexer, kernels_installed, select_backend  # noqa: E402
+from indexcache.runtime.forward import LayerwiseModel  # noqa: E402
+from indexcache.runtime.patch import index_sharing  # noqa: E402
 
 ARCHS = {
     "glm_moe_dsa": (GlmMoeDsaConfig, GlmMoeDsaForCausalLM),

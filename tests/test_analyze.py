@@ -10,10 +10,10 @@ from indexcache import analyze as analyze_module
 from indexcache.analyze import analyze_windows, entropy_sums
 from indexcache.calib import windows_from_tensor
 from indexcache.errors import IndexCacheError
-from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
-from indexcache.patch import index_sharing, reference_indexer
-from indexcache.scoring import PatternScorer
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing, reference_indexer
+from indexcache.search.scoring import PatternScorer
 
 from tiny_models import glm_config, random_ids
 

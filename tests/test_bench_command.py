@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from indexcache.cli import app
+from indexcache.cli.app import app
 from indexcache.patterns.file import SCHEMA_VERSION
 from indexcache.patterns.layout import full_layers, uniform
 

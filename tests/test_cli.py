@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from indexcache import api
 from indexcache.calib.data import fingerprint
-from indexcache.cli import app
-from indexcache.forward import LayerwiseModel
+from indexcache.cli.app import app
 from indexcache.models import load_model
-from indexcache.patch import index_sharing
 from indexcache.patterns.layout import full_layers, indexer_types
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing
 
 from tiny_models import random_ids
 

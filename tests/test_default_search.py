@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from indexcache.cli import app
+from indexcache.cli.app import app
 
 
 def test_default_search_and_eval_run_end_to_end(tmp_path, monkeypatch):

@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 from test_cli import error_line, invoke
 from transformers import AutoModelForCausalLM, GlmMoeDsaForCausalLM
 
-from indexcache.distill import GroupDistiller, distill, distill_context, served_layers
-from indexcache.distill_checkpoint import state_path
-from indexcache.forward import LayerwiseModel
+from indexcache.distill.checkpoint import state_path
+from indexcache.distill.train import GroupDistiller, distill, distill_context, served_layers
 from indexcache.models import LoadedModel, architecture_for, load_model
-from indexcache.patch import index_sharing
 from indexcache.patterns.layout import full_layers
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing
 
 from tiny_models import deepseek_model, glm_config, glm_model, random_ids
 
@@ -244,7 +244,7 @@ def test_bad_inputs_get_one_line(case, glm_checkpoint, tmp_path):
 
 def test_bf16_weights_train_through_fp32_masters():
     """Updates below bf16's resolution accumulate in the fp32 master and reach the bf16 weight once they add up."""
-    from indexcache.distill import optimizer_step
+    from indexcache.distill.train import optimizer_step
 
     param = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     master = param.detach().float().clone().requires_grad_(True)

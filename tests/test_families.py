@@ -11,13 +11,13 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from indexcache.cli import app
+from indexcache.cli.app import app
 from indexcache.errors import IndexCacheError
-from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
-from indexcache.patch import index_sharing
 from indexcache.patterns.layout import indexer_types
-from indexcache.scoring import CachedScorer, CachePlan, PatternScorer
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing
+from indexcache.search.scoring import CachedScorer, CachePlan, PatternScorer
 
 from conftest import _tokenizer
 from tiny_families import (

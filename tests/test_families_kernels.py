@@ -13,12 +13,12 @@ from indexcache.kernels.testing import use_triton_interpreter
 if not torch.cuda.is_available():
     use_triton_interpreter()
 
-from indexcache.backends import select_backend  # noqa: E402
 from indexcache.errors import IndexCacheError  # noqa: E402
-from indexcache.forward import LayerwiseModel  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
-from indexcache.patch import index_sharing  # noqa: E402
+from indexcache.runtime.backends import select_backend  # noqa: E402
+from indexcache.runtime.forward import LayerwiseModel  # noqa: E402
+from indexcache.runtime.patch import index_sharing  # noqa: E402
 
 from tiny_families import axk2_model, dots3_note_text_model, hy_v4_model, mistral_large4_model  # noqa: E402
 from tiny_models import random_ids  # noqa: E402

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexcache import forward
-from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
-from indexcache.patch import index_sharing
+from indexcache.runtime import forward
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing
 
 from tiny_models import glm_model, random_ids
 

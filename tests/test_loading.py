@@ -13,7 +13,7 @@ from indexcache import api
 from indexcache.calib import DataSpec, windows_from_tensor
 from indexcache.errors import IndexCacheError
 from indexcache.models import load_model, loading, open_checkpoint
-from indexcache.patch import index_sharing
+from indexcache.runtime.patch import index_sharing
 
 from tiny_models import glm_config, glm_model, random_ids
 

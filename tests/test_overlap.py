@@ -10,8 +10,8 @@ import torch
 
 from indexcache.analyze import overlap_counts
 from indexcache.errors import IndexCacheError
-from indexcache.overlap import best_full_layers, best_pattern, retained_overlap
 from indexcache.patterns.layout import from_full_layers
+from indexcache.search.overlap import best_full_layers, best_pattern, retained_overlap
 
 
 def brute_force(matrix, num_full, allowed, forced):

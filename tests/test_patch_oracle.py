@@ -8,8 +8,8 @@ import pytest
 from transformers import GlmMoeDsaForCausalLM
 
 from indexcache.models import architecture_for
-from indexcache.patch import index_sharing
 from indexcache.patterns.layout import random_pattern, uniform
+from indexcache.runtime.patch import index_sharing
 
 from tiny_models import deepseek_model, glm_config, glm_model, patched_loss, random_ids, stock_loss
 

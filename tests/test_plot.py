@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 from indexcache import api
 from indexcache.analyze import analyze, analyze_windows, matrix_sha256
 from indexcache.calib import windows_from_tensor
-from indexcache.cli import app
+from indexcache.cli.app import app
 from indexcache.errors import IndexCacheError
-from indexcache.forward import LayerwiseModel
 from indexcache.models import load_model
-from indexcache.overlap import best_pattern
-from indexcache.patch import index_sharing
 from indexcache.plot import OVERLAP_SIZE, PATTERN_SIZE, PATTERN_WITH_EVAL_SIZE, overlap_figure, pattern_figure
-from indexcache.scoring import PatternScorer
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing
+from indexcache.search.overlap import best_pattern
+from indexcache.search.scoring import PatternScorer
 
 from tiny_models import random_ids
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexcache import scoring
 from indexcache.errors import IndexCacheError
-from indexcache.forward import LayerwiseModel
 from indexcache.models import architecture_for
-from indexcache.patch import index_sharing
 from indexcache.patterns.layout import full_layers, num_full_for_ratio
-from indexcache.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip, plan_cache
-from indexcache.search import SearchState, block_starts, greedy_search, initial_state
+from indexcache.runtime.forward import LayerwiseModel
+from indexcache.runtime.patch import index_sharing
+from indexcache.search import scoring
+from indexcache.search.greedy import SearchState, block_starts, greedy_search, initial_state
+from indexcache.search.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip, plan_cache
 
 from tiny_models import glm_model, random_ids
 

@@ -13,15 +13,15 @@ from indexcache.kernels.testing import use_triton_interpreter
 if not torch.cuda.is_available():
     use_triton_interpreter()
 
-from indexcache.backends import select_backend  # noqa: E402
-from indexcache.forward import LayerwiseModel  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.kernels.indexer import kernel as indexer_kernel  # noqa: E402
 from indexcache.kernels.sparse_attention import kernel as attention_kernel  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
-from indexcache.patch import index_sharing  # noqa: E402
-from indexcache.scoring import CachedScorer, CachePlan  # noqa: E402
-from indexcache.search import greedy_search, initial_state  # noqa: E402
+from indexcache.runtime.backends import select_backend  # noqa: E402
+from indexcache.runtime.forward import LayerwiseModel  # noqa: E402
+from indexcache.runtime.patch import index_sharing  # noqa: E402
+from indexcache.search.greedy import greedy_search, initial_state  # noqa: E402
+from indexcache.search.scoring import CachedScorer, CachePlan  # noqa: E402
 
 from tiny_models import glm_model, random_ids  # noqa: E402
 

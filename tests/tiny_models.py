@@ -79,8 +79,8 @@ def random_ids(num: int, length: int, seed: int = 0) -> torch.Tensor:
 
 def patched_loss(model, arch, pattern: str, ids: torch.Tensor) -> tuple[float, dict]:
     """Mean next-token NLL under our F/S patch with `pattern`, and how often each layer's indexer ran."""
-    from indexcache.forward import LayerwiseModel
-    from indexcache.patch import index_sharing
+    from indexcache.runtime.forward import LayerwiseModel
+    from indexcache.runtime.patch import index_sharing
 
     lw = LayerwiseModel(model, arch)
     with torch.no_grad(), index_sharing(model, arch, pattern) as state:

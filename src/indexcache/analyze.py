@@ -24,15 +24,16 @@ import torch
 
 from . import defaults
 from .atomic import write_json
-from .backends import indexer_inputs, kernels_installed
 from .calib import DataSpec, Windows
 from .errors import IndexCacheError
-from .forward import LayerwiseModel
 from .kernels.indexer import index_scores_reference
 from .models import DsaArchitecture, LoadedModel
 from .models.loading import load_weights, open_checkpoint
-from .patch import IndexerFn
 from .patterns import file as pattern_file
+from .runtime.backends import indexer_inputs, kernels_installed
+from .runtime.forward import LayerwiseModel
+from .runtime.patch import IndexerFn
+from .steps import calibration_windows
 
 ANALYSIS_JSON = "analysis.json"
 OVERLAP_PNG = "overlap.png"
@@ -203,7 +204,6 @@ def analyze(
     output_dir = Path(output_dir)
     if output_dir.is_file():
         raise IndexCacheError(f"output {output_dir} is a file; give a folder to write analysis.json and overlap.png")
-    from .api import calibration_windows  # the search's own steps: data checked before the weights load
 
     checkpoint = open_checkpoint(model)
     windows = calibration_windows(checkpoint, data or DataSpec(), tokenizer)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,49 +11,14 @@ import torch
 
 from . import defaults
 from .atomic import write_json
-from .backends import kernels_installed
-from .calib import DataSpec, Windows, check_window_length, make_windows
+from .calib import DataSpec, Windows
 from .errors import IndexCacheError
-from .forward import LayerwiseModel
-from .models import Checkpoint, LoadedModel, load_tokenizer, load_weights, open_checkpoint
+from .models import Checkpoint, LoadedModel, load_weights, open_checkpoint
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
-from .scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
-from .search import Observer, SearchState, block_starts, greedy_search, initial_state
-
-
-@contextmanager
-def calibration_context(loaded: LoadedModel, kernels: str, seq_len: int | None = None):
-    """No grad, eval mode, the F/S patch and the chosen kernels (for windows of `seq_len` tokens), for one model.
-
-    Yields (LayerwiseModel, SharingState, backend name)."""
-    lw = LayerwiseModel(loaded.model, loaded.arch)
-    with (
-        torch.inference_mode(),
-        kernels_installed(loaded.model, loaded.arch, lw.input_device, kernels, seq_len) as (
-            state,
-            backend,
-        ),
-    ):
-        yield lw, state, backend
-
-
-def calibration_windows(
-    checkpoint: Checkpoint, data: DataSpec | Windows, tokenizer: str | None = None, offset: int = 0
-) -> Windows:
-    """The token windows for `checkpoint`, built and checked before any weight loads.
-
-    The window length defaults from the model (`DataSpec.seq_len=None`); windows in which the indexer keeps
-    every key are refused, since every pattern would score the same on them.
-    """
-    if isinstance(data, Windows):
-        windows = data
-    else:
-        spec = data.with_model_defaults(checkpoint.index_topk)
-        tok = load_tokenizer(checkpoint, tokenizer, required=tokenizer is not None)
-        windows = make_windows(spec, tok, checkpoint.config.get_text_config().eos_token_id, offset=offset)
-    check_window_length(windows.input_ids.shape[1], checkpoint.index_topk)
-    return windows
+from .search.greedy import Observer, SearchState, block_starts, greedy_search, initial_state
+from .search.scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
+from .steps import calibration_context, calibration_windows
 
 
 def search_state_path(output: Path) -> Path:
@@ -177,7 +141,7 @@ def search(
         missing = sorted(set(range(n)) - set(loaded.indexer_layers))
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
     if strategy == "overlap":
-        from .overlap_search import search_by_overlap
+        from .search.overlap_strategy import search_by_overlap
 
         pattern, loss_all_full, loss_final, run = search_by_overlap(
             loaded, windows, target, forced, blocks, batch_size, kernels

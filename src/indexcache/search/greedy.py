@@ -12,8 +12,8 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .errors import IndexCacheError
-from .patterns.layout import FULL, from_full_layers, full_layers
+from ..errors import IndexCacheError
+from ..patterns.layout import FULL, from_full_layers, full_layers
 from .scoring import CandidateScore, PatternScorer, flip
 
 

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import defaults
-from .atomic import write_json
-from .errors import IndexCacheError
+from .. import defaults
+from ..atomic import write_json
+from ..errors import IndexCacheError
 
 out = Console()
 
@@ -56,9 +56,9 @@ def run_bench(
     """Checks every option before anything is built; returns the rows (also written to `json_path`)."""
     from transformers import AutoConfig
 
-    from .bench import bench, build_stack, named_patterns
-    from .models.loading import embedded_model_path, resolve_dtype
-    from .patterns import file as pattern_file
+    from ..bench.prefill import bench, build_stack, named_patterns
+    from ..models.loading import embedded_model_path, resolve_dtype
+    from ..patterns import file as pattern_file
 
     context_list = parse_contexts(contexts)
     if layers < 2:

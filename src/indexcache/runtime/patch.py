@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import IndexCacheError
-from .models import DsaArchitecture
-from .patterns.layout import FULL, validate
+from ..errors import IndexCacheError
+from ..models import DsaArchitecture
+from ..patterns.layout import FULL, validate
 
 # (indexer module, *the arguments the attention passed to it) -> int32 [B, S, k]. Families call their indexer
 # with different arguments (glm_moe_dsa: hidden_states, q_resid, ...; mistral_large4: hidden_states,

@@ -23,18 +23,18 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from . import defaults
-from .backends import indexer_inputs, kernel_indexer
-from .calib import DataSpec, Windows, make_windows
-from .distill_checkpoint import load_state, save_state, state_path, write_checkpoint
-from .distill_target import attend_selected, index_scores_at, selected_kl, selected_valid
-from .errors import IndexCacheError
-from .forward import LayerwiseModel
-from .models import DsaArchitecture, LoadedModel, load_model
-from .models.loading import embedded_model_path
-from .patch import index_sharing
-from .patterns import file as pattern_file
-from .patterns.layout import FULL, full_layers
+from .. import defaults
+from ..calib import DataSpec, Windows, make_windows
+from ..errors import IndexCacheError
+from ..models import DsaArchitecture, LoadedModel, load_model
+from ..models.loading import embedded_model_path
+from ..patterns import file as pattern_file
+from ..patterns.layout import FULL, full_layers
+from ..runtime.backends import indexer_inputs, kernel_indexer
+from ..runtime.forward import LayerwiseModel
+from ..runtime.patch import index_sharing
+from .checkpoint import load_state, save_state, state_path, write_checkpoint
+from .target import attend_selected, index_scores_at, selected_kl, selected_valid
 
 ATTN_IMPLEMENTATION = "indexcache_distill"
 OBJECTIVES = ("multi", "single")
@@ -118,7 +118,7 @@ class GroupDistiller:
 @contextmanager
 def distill_context(loaded: LoadedModel, pattern: str, distiller: GroupDistiller):
     """The F/S patch with the distiller's indexer and attention hooks; restores the model on exit."""
-    from .kernels.wiring import register_sparse_attention
+    from ..kernels.wiring import register_sparse_attention
 
     sparse = register_sparse_attention()  # its O(S) key mask is ours too: no S×T mask is built
     AttentionInterface.register(ATTN_IMPLEMENTATION, distiller.attention)

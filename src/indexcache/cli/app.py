@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import defaults
-from .errors import IndexCacheError
+from .. import defaults
+from .bench import bench
+from .common import (
+    BatchSize,
+    Dataset,
+    DatasetConfig,
+    Device,
+    DeviceMap,
+    Dtype,
+    Kernels,
+    MaxMemory,
+    Model,
+    PlotPath,
+    Seed,
+    SeqLen,
+    Split,
+    TextColumn_,
+    Tokenizer,
+    Windows_,
+    _data_spec,
+    _fail,
+    err,
+    friendly_errors,
+    out,
+)
+from .distill import distill
 
 app = typer.Typer(
     add_completion=False,
@@ -20,78 +41,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find and use IndexCache patterns (which DSA layers keep their lightning indexer).",
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def friendly_errors(fn):
-    """Every user-fixable failure becomes one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import torch
-
-        try:
-            return fn(*args, **kwargs)
-        except IndexCacheError as exc:
-            _fail(str(exc))
-        except torch.cuda.OutOfMemoryError:
-            _fail(OOM_HINT)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-
-    return wrapper
-
-
-# The prefix cache (hidden states and top-k index buffers) follows --cache; model and activations do not.
-OOM_HINT = (
-    "CUDA out of memory: move the prefix cache off the GPU with --cache host (or --cache every:K), lower "
-    "--batch-size or --seq-len, or spread the model over GPUs with --device-map auto"
-)
-
-
-def _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows=defaults.WINDOWS):
-    from .calib import DataSpec
-
-    return DataSpec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows)
-
-
-# Options shared by search and eval.
-Model = typer.Option(None, "--model", help="Checkpoint folder or hub id (default: the embedded tiny GLM-DSA model).")
-Dataset = typer.Option(
-    None,
-    help="Local .txt/.jsonl/.json/.parquet file or folder, or a hub dataset name "
-    "(default: the embedded calibration sample).",
-)
-DatasetConfig = typer.Option(None, help="Hub dataset configuration name.")
-Split = typer.Option(defaults.SPLIT, help="Dataset split (hub datasets).")
-TextColumn_ = typer.Option(defaults.TEXT_COLUMN, help="Column holding the text.")
-SeqLen = typer.Option(
-    defaults.SEQ_LEN,
-    show_default="from the model: max(512, 4 × index_topk)",
-    help="Tokens per calibration window, prefix tokens included; must exceed the model's index_topk.",
-)
-Windows_ = typer.Option(
-    defaults.WINDOWS, help="packed (documents joined with EOS, then cut) or document (cut inside single documents)."
-)
-Seed = typer.Option(defaults.SEED, help="Seed for choosing the windows.")
-BatchSize = typer.Option(defaults.BATCH_SIZE, help="Windows per forward.")
-Kernels = typer.Option(defaults.KERNELS, help="auto (Triton on CUDA), triton, or reference (stock transformers).")
-Dtype = typer.Option(defaults.DTYPE, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
-Device = typer.Option(defaults.DEVICE, help="auto, cpu, cuda or cuda:N.")
-DeviceMap = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs (accelerate).")
-MaxMemory = typer.Option(
-    None, "--max-memory", help="Per-device limits for --device-map, e.g. '0=20GiB,1=70GiB,cpu=200GiB'."
-)
-Tokenizer = typer.Option(None, help="Tokenizer folder, when the checkpoint has none.")
-PlotPath = typer.Option(None, "--plot", help="Also draw the pattern (and its trajectory or losses) to this PNG.")
 
 
 class _RichObserver:
@@ -155,8 +104,8 @@ def search(
     plot: Path | None = PlotPath,
 ):
     """Greedy search for the F/S pattern with the lowest calibration loss; writes a pattern JSON."""
-    from . import api
-    from .models.loading import parse_max_memory
+    from .. import api
+    from ..models.loading import parse_max_memory
 
     data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows)
     try:
@@ -202,7 +151,7 @@ def search(
         soft_wrap=True,
     )
     if plot is not None:
-        from .plot import plot_pattern_file
+        from ..plot import plot_pattern_file
 
         plot_pattern_file(output, plot)
 
@@ -242,8 +191,8 @@ def eval_(
     plot: Path | None = PlotPath,
 ):
     """Held-out loss of the pattern vs all-F and the uniform interleave with the same number of F layers."""
-    from . import api
-    from .models.loading import parse_max_memory
+    from .. import api
+    from ..models.loading import parse_max_memory
 
     data = None
     if dataset is not None:
@@ -295,8 +244,8 @@ def eval_(
         )
     out.print(table)
     if plot is not None:
-        from .patterns import file as pattern_file
-        from .plot import pattern_figure, save_png
+        from ..patterns import file as pattern_file
+        from ..plot import pattern_figure, save_png
 
         save_png(pattern_figure(pattern_file.read(pattern), {"results": rows}), plot)
 
@@ -321,8 +270,8 @@ def analyze(
     tokenizer: str | None = Tokenizer,
 ):
     """One all-F forward: the layers' top-k overlap matrix and indexer score entropy, as JSON and a heatmap."""
-    from .analyze import ANALYSIS_JSON, OVERLAP_PNG
-    from .analyze import analyze as run_analysis
+    from ..analyze import ANALYSIS_JSON, OVERLAP_PNG
+    from ..analyze import analyze as run_analysis
 
     data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
     result = run_analysis(output, model, data, batch_size, kernels, dtype, device, device_map, tokenizer)
@@ -340,7 +289,7 @@ def plot(
     eval_json: Path | None = typer.Option(None, "--eval", help="JSON written by `indexcache eval --json`."),
 ):
     """Draw a pattern: F/S strip, greedy trajectory, and with --eval the pattern vs all-F vs uniform losses."""
-    from .plot import plot_pattern_file
+    from ..plot import plot_pattern_file
 
     plot_pattern_file(pattern, output, eval_json)
     out.print(f"wrote {output}", highlight=False)
@@ -355,24 +304,17 @@ def apply(
     copy: bool = typer.Option(False, help="Copy weight files instead of symlinking them."),
 ):
     """Write a servable copy of a checkpoint with the pattern in config.json (index_topk_pattern)."""
-    from .export import apply_pattern
+    from ..export import apply_pattern
 
     path = apply_pattern(pattern, model, output, copy, log=lambda m: err.print(m, highlight=False, soft_wrap=True))
     out.print(f"wrote {path} (config.json carries the pattern; weights {'copied' if copy else 'linked'})")
 
 
-from .bench_command import bench as _bench  # noqa: E402  (the command's body lives in its own module)
+app.command("bench")(friendly_errors(bench))
 
-app.command("bench")(friendly_errors(_bench))
 
-from .distill_cli import distill as _distill  # noqa: E402  (it reuses the options defined above)
-
-app.command("distill")(friendly_errors(_distill))
+app.command("distill")(friendly_errors(distill))
 
 
 def main() -> None:
     app(prog_name="indexcache")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,8 +26,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .errors import IndexCacheError
-from .models import DsaArchitecture
+from ..errors import IndexCacheError
+from ..models import DsaArchitecture
 
 # Queries per sparse-attention call: bounds the latent query/output tensors ([chunk, H, 512] each) to 1 GiB in
 # bf16, whatever the window length. A chunk is still ≥ 8K queries at 128 heads (≥ 16K kernel programs).
@@ -110,7 +110,7 @@ def absorbed_forward(
     Same projections, norms and RoPE as transformers' layer; the indices come from the layer's indexer (or, on a
     stock glm_moe_dsa "shared" layer, `prev_topk_indices`). Returns what the family's layer returns.
     """
-    from .kernels.sparse_attention import sparse_mla_attention
+    from ..kernels.sparse_attention import sparse_mla_attention
 
     if cache is not None:
         raise IndexCacheError("absorbed MLA attention runs prefill only; call the model with use_cache=False")

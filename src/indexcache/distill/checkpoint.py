@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json
-from .errors import IndexCacheError
-from .export import config_with_pattern
+from ..atomic import write_json
+from ..errors import IndexCacheError
+from ..export import config_with_pattern
 
 INDEX_FILE = "model.safetensors.index.json"
 RECORD_FILE = "indexcache_distill.json"

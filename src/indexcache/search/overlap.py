@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import IndexCacheError
-from .patterns.layout import FULL, from_full_layers
+from ..errors import IndexCacheError
+from ..patterns.layout import FULL, from_full_layers
 
 Matrix = Sequence[Sequence[float | None]]
 

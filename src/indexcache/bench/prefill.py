@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import kernels_installed
-from .errors import IndexCacheError
-from .forward import LayerwiseModel
-from .models import DsaArchitecture, architecture_for
-from .patterns.layout import full_layers, num_full_for_ratio, uniform, validate
+from ..errors import IndexCacheError
+from ..models import DsaArchitecture, architecture_for
+from ..patterns.layout import full_layers, num_full_for_ratio, uniform, validate
+from ..runtime.backends import kernels_installed
+from ..runtime.forward import LayerwiseModel
 
 _VOCAB = 1024  # embeddings are not timed; a small table keeps random-weight builds light
 

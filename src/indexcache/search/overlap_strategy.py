@@ -12,14 +12,14 @@ import time
 
 import torch
 
-from .analyze import analyze_windows, matrix_sha256
-from .backends import kernels_installed
-from .calib import Windows
-from .errors import IndexCacheError
-from .forward import LayerwiseModel
-from .models import LoadedModel
+from ..analyze import analyze_windows, matrix_sha256
+from ..calib import Windows
+from ..errors import IndexCacheError
+from ..models import LoadedModel
+from ..patterns.layout import from_full_layers
+from ..runtime.backends import kernels_installed
+from ..runtime.forward import LayerwiseModel
 from .overlap import best_full_layers, retained_overlap
-from .patterns.layout import from_full_layers
 from .scoring import PatternScorer
 
 

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import defaults
+from .. import defaults
+from ..errors import IndexCacheError
+from ..models import DsaArchitecture
 from .absorbed import absorbed_attention
-from .errors import IndexCacheError
-from .models import DsaArchitecture
 from .patch import IndexerFn, SharingState, index_sharing, reference_indexer
 
 CHOICES = ("auto", "triton", "reference")
@@ -42,7 +42,7 @@ def select_backend(
         return "sdpa", reference_indexer, "sdpa"
     if device.type != "cuda":
         raise IndexCacheError("--kernels triton needs a CUDA GPU; use --kernels reference on CPU")
-    from .kernels import wiring
+    from ..kernels import wiring
 
     attn = wiring.register_sparse_attention() if arch.sparse_attention_kernel else None
     return "triton", kernel_indexer(arch), attn
@@ -51,7 +51,7 @@ def select_backend(
 def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
     """(q, k, weights, score scale) of one indexer call, as `wiring.indexer_projections` returns them, from the
     arguments the family's attention passed its indexer (bound to the indexer's own argument names)."""
-    from .kernels import wiring
+    from ..kernels import wiring
 
     call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments
     return wiring.indexer_projections(
@@ -68,7 +68,7 @@ def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
 
 def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:
     """An F layer's top-k through the indexer kernel, for `index_sharing`."""
-    from .kernels.indexer import lightning_indexer_topk
+    from ..kernels.indexer import lightning_indexer_topk
 
     @torch.no_grad()
     def triton_indexer(indexer, *args, **kwargs):

@@ -1,6 +1,6 @@
 """`indexcache distill` on the command line: options, a rich progress bar with the KL per layer group, a summary.
 
-Registered in cli.py; the work is `indexcache.distill.distill`.
+Registered in cli/app.py; the work is `indexcache.distill.distill`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import defaults
-from .cli import (
+from .. import defaults
+from .common import (
     BatchSize,
     DatasetConfig,
     Device,
@@ -69,10 +69,10 @@ def distill(
     tokenizer: str | None = Tokenizer,
 ):
     """Train the pattern's F indexers to select for every layer they serve; writes a servable checkpoint."""
-    from .distill import distill as run
-    from .distill import served_layers
-    from .distill_checkpoint import state_path
-    from .patterns import file as pattern_file
+    from ..distill.checkpoint import state_path
+    from ..distill.train import distill as run
+    from ..distill.train import served_layers
+    from ..patterns import file as pattern_file
 
     data = None
     if dataset is not None:

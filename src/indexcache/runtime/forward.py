@@ -15,7 +15,7 @@ from torch import nn
 from transformers.cache_utils import KVSharingDict
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .models import DsaArchitecture
+from ..models import DsaArchitecture
 
 # fp32 logits are materialised at most this many at a time ([tokens, vocab slice]), and the head weight is
 # converted to fp32 a slice of at most this many elements at a time.

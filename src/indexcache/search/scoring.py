@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import IndexCacheError
-from .forward import LayerInputs, LayerState, LayerwiseModel
-from .patch import SharingState
-from .patterns.layout import FULL, SHARED
+from ..errors import IndexCacheError
+from ..patterns.layout import FULL, SHARED
+from ..runtime.forward import LayerInputs, LayerState, LayerwiseModel
+from ..runtime.patch import SharingState
 
 
 def flip(pattern: str, layer: int) -> str:

@@ -1,0 +1,84 @@
+"""What every command of the CLI shares: the consoles, one-line errors, and the options of several commands."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+
+from .. import defaults
+from ..errors import IndexCacheError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(fn):
+    """Every user-fixable failure becomes one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        try:
+            return fn(*args, **kwargs)
+        except IndexCacheError as exc:
+            _fail(str(exc))
+        except torch.cuda.OutOfMemoryError:
+            _fail(OOM_HINT)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+    return wrapper
+
+
+# The prefix cache (hidden states and top-k index buffers) follows --cache; model and activations do not.
+OOM_HINT = (
+    "CUDA out of memory: move the prefix cache off the GPU with --cache host (or --cache every:K), lower "
+    "--batch-size or --seq-len, or spread the model over GPUs with --device-map auto"
+)
+
+
+def _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows=defaults.WINDOWS):
+    from ..calib import DataSpec
+
+    return DataSpec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed, windows)
+
+
+# Options shared by search and eval.
+Model = typer.Option(None, "--model", help="Checkpoint folder or hub id (default: the embedded tiny GLM-DSA model).")
+Dataset = typer.Option(
+    None,
+    help="Local .txt/.jsonl/.json/.parquet file or folder, or a hub dataset name "
+    "(default: the embedded calibration sample).",
+)
+DatasetConfig = typer.Option(None, help="Hub dataset configuration name.")
+Split = typer.Option(defaults.SPLIT, help="Dataset split (hub datasets).")
+TextColumn_ = typer.Option(defaults.TEXT_COLUMN, help="Column holding the text.")
+SeqLen = typer.Option(
+    defaults.SEQ_LEN,
+    show_default="from the model: max(512, 4 × index_topk)",
+    help="Tokens per calibration window, prefix tokens included; must exceed the model's index_topk.",
+)
+Windows_ = typer.Option(
+    defaults.WINDOWS, help="packed (documents joined with EOS, then cut) or document (cut inside single documents)."
+)
+Seed = typer.Option(defaults.SEED, help="Seed for choosing the windows.")
+BatchSize = typer.Option(defaults.BATCH_SIZE, help="Windows per forward.")
+Kernels = typer.Option(defaults.KERNELS, help="auto (Triton on CUDA), triton, or reference (stock transformers).")
+Dtype = typer.Option(defaults.DTYPE, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
+Device = typer.Option(defaults.DEVICE, help="auto, cpu, cuda or cuda:N.")
+DeviceMap = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs (accelerate).")
+MaxMemory = typer.Option(
+    None, "--max-memory", help="Per-device limits for --device-map, e.g. '0=20GiB,1=70GiB,cpu=200GiB'."
+)
+Tokenizer = typer.Option(None, help="Tokenizer folder, when the checkpoint has none.")
+PlotPath = typer.Option(None, "--plot", help="Also draw the pattern (and its trajectory or losses) to this PNG.")

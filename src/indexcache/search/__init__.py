@@ -1,0 +1,1 @@
+"""The greedy search (`greedy`), how candidates are scored (`scoring`), and the overlap strategy."""
