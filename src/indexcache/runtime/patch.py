@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture
-from ..patterns.layout import FULL, validate
+from ..patterns.layout import FULL, first_indexer_layer, validate
 
 # (indexer module, *the arguments the attention passed to it) -> int32 [B, S, k]. Families call their indexer
 # with different arguments (glm_moe_dsa: hidden_states, q_resid, ...; mistral_large4: hidden_states,
@@ -31,7 +31,7 @@ class SharingState:
 
     Attributes:
         pattern: F/S string, one letter per layer; assign to change it between forwards.
-        buffer: int [B, S, k] top-k indices of the last F layer that ran, or None before layer 0.
+        buffer: int [B, S, k] top-k indices of the last F layer that ran, or None before the first one.
         indexer_calls: how often each layer's indexer really ran (tests use it to prove S layers skip).
     """
 
@@ -47,6 +47,7 @@ class SharingState:
 
     @pattern.setter
     def pattern(self, pattern: str) -> None:
+        """Only layers whose indexer has weights can be F (the caller checked the pattern's form)."""
         missing = [i for i, c in enumerate(pattern) if c == FULL and i not in self.indexer_layers]
         if missing:
             raise IndexCacheError(f"layers {missing} have no indexer weights in this checkpoint, so they cannot be F")
@@ -116,11 +117,16 @@ def index_sharing(
     """
     layers = arch.layers(model)
     available = indexer_layers(model, arch)
-    if 0 not in available:
-        raise IndexCacheError("layer 0 has no indexer weights, so no layer can compute top-k indices")
+    dsa_layers = arch.dsa_layer_ids(arch.base_model(model).config)
+    first = first_indexer_layer(dsa_layers)
+    if first not in available:
+        raise IndexCacheError(
+            f"layer {first} (the first layer with an indexer) has no indexer weights, so the layers after it "
+            "cannot share its top-k indices"
+        )
     if pattern is None:
         pattern = "".join(FULL if i in available else "S" for i in range(len(layers)))
-    state = SharingState(validate(pattern, len(layers)), available)
+    state = SharingState(validate(pattern, len(layers), dsa_layers), available)
 
     originals = []
     for i, layer in enumerate(layers):
