@@ -139,7 +139,7 @@ def matrix_sha256(overlap: list[list[float | None]]) -> str:
 @torch.no_grad()
 def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kernels: str) -> tuple[Analysis, str]:
     """Run every indexer layer F over `windows` ([W, S], S > k), batch by batch; returns the analysis and backend."""
-    n, topk = loaded.num_layers, loaded.text_config.index_topk
+    n, topk = loaded.num_layers, loaded.arch.keys_kept(loaded.text_config)
     if not loaded.arch.indexer_kernel:
         raise IndexCacheError(f"analyze: {loaded.arch.family}'s indexer does not select top-k keys; not supported")
     seq_len = windows.input_ids.shape[1]
