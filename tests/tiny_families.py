@@ -185,7 +185,9 @@ def dots3_note_text_model(seed: int = 0, **overrides) -> Dots3NoteForCausalLM:
 HYBRID_LAYERS = 12
 
 
-def glm5_next_model(seed: int = 0, indexer_types: list[str] | None = None) -> Glm5NextForConditionalGeneration:
+def glm5_next_model(
+    seed: int = 0, indexer_types: list[str] | None = None, **overrides
+) -> Glm5NextForConditionalGeneration:
     """12 layers (3 dense MLPs, then MoE), KDA linear attention except 3, 7, 11; the indexer keeps 2 pools of 4
     tokens plus the tail (≤ 11 tokens) per query; 4 hyper-connection streams; behind a 1-layer vision tower."""
     torch.manual_seed(seed)
@@ -210,6 +212,7 @@ def glm5_next_model(seed: int = 0, indexer_types: list[str] | None = None) -> Gl
         bos_token_id=0,
         indexer_types=indexer_types,
     )
+    text.update(overrides)
     vision = dict(
         depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, projection_intermediate_size=32,
         patch_size=4, image_size=16,
@@ -221,11 +224,11 @@ def glm5_next_model(seed: int = 0, indexer_types: list[str] | None = None) -> Gl
     return model
 
 
-def qwen4_exp_text_model(seed: int = 0) -> Qwen4ExpForCausalLM:
+def qwen4_exp_text_model(seed: int = 0, **overrides) -> Qwen4ExpForCausalLM:
     """12 layers, GatedDeltaNet except 3, 7, 11, PLE on layer 2 (1-indexed: layer id 2); the QSA indexer keeps 2
     blocks of 4 tokens plus the tail (≤ 11 tokens) per query; mRoPE on half the head; 4 flat streams."""
     torch.manual_seed(seed)
-    config = Qwen4ExpTextConfig(
+    kwargs = dict(
         vocab_size=_TINY["vocab_size"],
         hidden_size=32,
         num_hidden_layers=HYBRID_LAYERS,
@@ -258,6 +261,8 @@ def qwen4_exp_text_model(seed: int = 0) -> Qwen4ExpForCausalLM:
             "mrope_interleaved": True,
         },
     )  # fmt: skip
+    kwargs.update(overrides)
+    config = Qwen4ExpTextConfig(**kwargs)
     config._attn_implementation = "eager"
     model = Qwen4ExpForCausalLM(config).eval()
     _perturb(model, seed)

@@ -1,0 +1,76 @@
+"""The hybrid families (linear-attention layers between DSA layers): glm5_next (kpool pools, NoPE, 2-D token mask,
+[B, S, 4, H] streams) and qwen4_exp (QSA compressed blocks returned as a mask, mRoPE, PLE inputs, flat [B, S, 4H]
+streams, no final norm). Oracles are stock transformers: the model itself for all-F, and the model with forward
+hooks that hand each S indexed layer's attention the previous F indexed layer's indexer output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from indexcache.kernels.testing import use_triton_interpreter
+
+if not torch.cuda.is_available():
+    use_triton_interpreter()
+
+from indexcache.kernels.backend import forced  # noqa: E402
+from indexcache.runtime.pooled import kpool_kernel, qsa_kernel, qsa_reference, selection_mask  # noqa: E402
+
+from tiny_families import glm5_next_model, qwen4_exp_text_model  # noqa: E402
+
+SEQ = 40  # a query keeps at most 8 + 3 tokens: most of the 40 positions choose
+
+
+def _qsa_inputs(model, seq_len: int, seed: int, batch: int = 2):
+    """Layer 3's QSA indexer with its stock inputs: hidden [B, S, H], (cos, sin) of mRoPE positions, the mask."""
+    gen = torch.Generator().manual_seed(seed)
+    base = model.model
+    hidden = torch.randn(batch, seq_len, base.config.hidden_size, generator=gen)
+    positions = torch.arange(seq_len)[None, None].expand(3, batch, -1)
+    rotary = base.rotary_emb(hidden, positions)
+    mask = create_causal_mask(
+        config=base.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+        position_ids=torch.arange(seq_len)[None], allow_is_causal_skip=False,
+    )  # fmt: skip
+    return base.layers[3].self_attn.indexer, hidden, rotary, mask
+
+
+@pytest.mark.parametrize("seq_len", [pytest.param(45, id="S45"), pytest.param(10, id="S10-no-choice")])
+def test_vectorised_qsa_reference_equals_the_stock_indexer(seq_len):
+    """The stock QSA indexer loops in Python over every (batch, query); ours scores a chunk of queries at once and
+    must give exactly its mask, also where no query sees more blocks than it keeps (S10)."""
+    indexer, hidden, rotary, mask = _qsa_inputs(qwen4_exp_text_model(seed=2), seq_len, seed=seq_len)
+    with torch.no_grad():
+        stock = indexer(hidden, rotary, mask, None)
+        ours = qsa_reference(indexer, hidden, rotary)
+    assert ours.shape == (2, seq_len, 8 + 3) and ours.dtype == torch.int32
+    assert torch.equal(selection_mask(ours), stock)
+    if seq_len > 11:  # the selection matters: some query keeps fewer tokens than it sees
+        assert (selection_mask(ours)[:, 0].sum(-1) < torch.arange(1, seq_len + 1)).any()
+
+
+def _rows(selection: torch.Tensor) -> torch.Tensor:
+    return selection.sort(-1).values
+
+
+def test_kernel_selections_equal_the_references():
+    """Under Triton's interpreter: the pooled kernel path selects glm5_next's stock token set (pools expanded, tail
+    appended) and the QSA reference's set. 8 indexer heads with positive weights, so no exact ties at zero."""
+    model = glm5_next_model(seed=3, index_n_heads=8)
+    indexer = model.model.language_model.layers[3].self_attn.indexer
+    with torch.no_grad():
+        indexer.weights_proj.weight.abs_()
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 30, 32, generator=gen)
+    q_resid = torch.randn(1, 30, 24, generator=gen)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    with torch.no_grad(), forced("triton"):
+        stock = indexer(hidden_states=hidden, q_resid=q_resid, attention_mask=valid, cache=None)
+        ours = kpool_kernel(indexer, hidden_states=hidden, q_resid=q_resid, attention_mask=valid, cache=None)
+    assert ours.shape == stock.shape and torch.equal(_rows(ours), _rows(stock))
+
+    indexer, hidden, rotary, _ = _qsa_inputs(qwen4_exp_text_model(seed=4, indexer_n_heads=8), 30, seed=1, batch=1)
+    with torch.no_grad(), forced("triton"):
+        got = qsa_kernel(indexer, hidden, rotary)
+    assert torch.equal(_rows(got), _rows(qsa_reference(indexer, hidden, rotary)))
