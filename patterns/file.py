@@ -2,11 +2,14 @@
 
 Schema (version 1), one JSON object:
     schema_version      1
-    index_topk_pattern  F/S string, one letter per layer (the key transformers, vLLM and SGLang read)
+    index_topk_pattern  F/S string, one letter per decoder layer (the key transformers, vLLM and SGLang read);
+                        layers without an indexer are S, the first indexer layer is F
     full_layers         indices of the F layers
     num_layers, num_full, ratio   N, the F count, and the requested ratio (null when --num-full was given)
     description         one line on what the file is
-    model               {name, model_type, config_sha256, num_layers, index_topk, indexer_layers}
+    model               {name, model_type, config_sha256, num_layers, index_topk, indexer_layers (with indexer
+                         weights: the layers that can be F), dsa_layers (the architecture's indexer layers, which
+                         ratios and the uniform interleave count; absent in older files: every layer)}
     calibration         {source, dataset, dataset_config, split, text_column, num_samples, seq_len, seed,
                          windows (packed/document), window_offset, tokens_read, prefix_tokens (fed, not scored),
                          fingerprint (sha256 of the token windows), scored_positions, positions_over_topk}
@@ -73,8 +76,13 @@ def read(path: str | Path) -> dict:
         raise IndexCacheError(
             f"pattern file {path} has schema version {data['schema_version']}; this indexcache reads {SCHEMA_VERSION}"
         )
+    dsa_layers = data["model"].get("dsa_layers")
+    if dsa_layers is not None and (
+        not isinstance(dsa_layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dsa_layers)
+    ):
+        raise IndexCacheError(f"pattern file {path}: 'model.dsa_layers' is not a list of layer numbers")
     try:
-        validate(data["index_topk_pattern"], data["num_layers"])
+        validate(data["index_topk_pattern"], data["num_layers"], dsa_layers)
     except IndexCacheError as exc:
         raise IndexCacheError(f"pattern file {path}: {exc}") from None
     return data

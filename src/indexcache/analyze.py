@@ -185,6 +185,7 @@ def model_record(loaded: LoadedModel) -> dict:
         "num_layers": loaded.num_layers,
         "index_topk": getattr(loaded.model.config, "index_topk", None),
         "indexer_layers": loaded.indexer_layers,
+        "dsa_layers": loaded.dsa_layers,
     }
 
 

@@ -130,15 +130,18 @@ def search(
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 
     checkpoint = open_checkpoint(model)
-    n = checkpoint.num_layers
-    target = num_full if num_full is not None else num_full_for_ratio(ratio, n)
-    if not 1 <= target <= n:
-        raise IndexCacheError(f"--num-full {target} must lie between 1 and the number of layers ({n})")
-    forced = block_starts(n, blocks) if blocks is not None else []
+    n, dsa_layers = checkpoint.num_layers, checkpoint.dsa_layers
+    # Ratios, counts and block starts are over the indexer layers (every layer for most families).
+    target = num_full if num_full is not None else num_full_for_ratio(ratio, len(dsa_layers))
+    if not 1 <= target <= len(dsa_layers):
+        raise IndexCacheError(
+            f"--num-full {target} must lie between 1 and the number of layers with an indexer ({len(dsa_layers)})"
+        )
+    forced = block_starts(n, blocks, dsa_layers) if blocks is not None else []
     windows = calibration_windows(checkpoint, data or DataSpec(), tokenizer)
     loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
-    if len(loaded.indexer_layers) < n:
-        missing = sorted(set(range(n)) - set(loaded.indexer_layers))
+    missing = sorted(set(dsa_layers) - set(loaded.indexer_layers))
+    if missing:
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
     if strategy == "overlap":
         from .search.overlap_strategy import search_by_overlap
@@ -238,8 +241,8 @@ def pattern_record(
         "num_full": len(full_layers(pattern)),
         "ratio": ratio,
         "description": (
-            f"IndexCache pattern for {loaded.name}: {len(full_layers(pattern))} of {n} layers keep their indexer; "
-            "S layers reuse the top-k of the nearest preceding F layer"
+            f"IndexCache pattern for {loaded.name}: {len(full_layers(pattern))} of the {len(loaded.dsa_layers)} "
+            f"layers with an indexer keep it ({n} layers); S layers reuse the top-k of the nearest preceding F layer"
         ),
         "model": {
             "name": loaded.name,
@@ -248,6 +251,7 @@ def pattern_record(
             "num_layers": n,
             "index_topk": checkpoint.index_topk,
             "indexer_layers": loaded.indexer_layers,
+            "dsa_layers": loaded.dsa_layers,
         },
         "calibration": {**windows.describe(), **windows.selection_coverage(checkpoint.index_topk)},
         "seed": windows.spec.seed,

@@ -39,12 +39,7 @@ def timed_layers(config) -> list[int]:
     """The layers of `config`'s model whose cost a pattern changes: the indexer layers. Where only some layers
     have one (the hybrids' linear-attention layers, dots3_note's sliding-window ones) the others cost the same under
     every pattern; the stack then holds indexer layers only and the rows count those."""
-    arch = architecture_for(getattr(config, "model_type", None))
-    text = config.get_text_config()
-    if arch.dsa_layers is None:
-        return list(range(text.num_hidden_layers))
-    attribute, value = arch.dsa_layers
-    return [i for i, kind in enumerate(getattr(text, attribute)) if kind == value]
+    return architecture_for(getattr(config, "model_type", None)).dsa_layer_ids(config.get_text_config())
 
 
 def stack_config(config, num_layers: int, dense_mlp: bool = True):

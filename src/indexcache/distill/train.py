@@ -44,12 +44,14 @@ StepObserver = Callable[[int, int, dict[int, float]], None]
 
 
 def served_layers(pattern: str) -> dict[int, list[int]]:
-    """{F layer: [the layers that use its selection]}: itself and the S layers up to the next F layer."""
+    """{F layer: [the layers that use its selection]}: itself and the S layers up to the next F layer (layers
+    before the first F layer have no indexer and belong to no group)."""
     groups: dict[int, list[int]] = {}
     for layer, letter in enumerate(pattern):
         if letter == FULL:
             groups[layer] = []
-        groups[max(groups)].append(layer)
+        if groups:
+            groups[max(groups)].append(layer)
     return groups
 
 

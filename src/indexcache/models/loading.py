@@ -53,6 +53,11 @@ class Checkpoint:
         """The most tokens one query's selection holds (`DsaArchitecture.keys_kept`)."""
         return self.arch.keys_kept(self.config.get_text_config())
 
+    @property
+    def dsa_layers(self) -> list[int]:
+        """The indexer layers of the architecture (`DsaArchitecture.dsa_layer_ids`), with weights or not."""
+        return self.arch.dsa_layer_ids(self.config.get_text_config())
+
 
 @dataclass
 class LoadedModel:
@@ -78,6 +83,12 @@ class LoadedModel:
     def text_config(self):
         """The language model's config (the model's own one unless it is a vision-language checkpoint)."""
         return self.model.config.get_text_config()
+
+    @property
+    def dsa_layers(self) -> list[int]:
+        """The indexer layers of the architecture (`DsaArchitecture.dsa_layer_ids`); `indexer_layers` are those
+        of them whose weights loaded."""
+        return self.arch.dsa_layer_ids(self.text_config)
 
 
 def embedded_model_path() -> Path:

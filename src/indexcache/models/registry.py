@@ -136,12 +136,19 @@ class DsaArchitecture:
             return topk
         return topk + getattr(text_config, self.pool_attr) - 1
 
+    def dsa_layer_ids(self, text_config) -> list[int]:
+        """The indexer layers: those built with an indexer in this architecture (read from the text config, so
+        known before any weight loads). Patterns are made over them: the first is always F, `--ratio` counts them,
+        the uniform interleave spaces their ordinals; every other layer is S. A layer whose checkpoint lacks the
+        indexer weights is still one of them (it is S by necessity, see `LoadedModel.indexer_layers`)."""
+        if self.dsa_layers is None:
+            return list(range(text_config.num_hidden_layers))
+        attribute, value = self.dsa_layers
+        return [i for i, kind in enumerate(getattr(text_config, attribute)) if kind == value]
+
     def is_dsa_layer(self, model: nn.Module, layer_idx: int) -> bool:
         """Whether layer `layer_idx` has sparse attention (and so takes part in the pattern)."""
-        if self.dsa_layers is None:
-            return True
-        attribute, value = self.dsa_layers
-        return getattr(self.base_model(model).config, attribute)[layer_idx] == value
+        return layer_idx in self.dsa_layer_ids(self.base_model(model).config)
 
     def indexer_weight_prefix(self, layer_idx: int) -> str:
         """State-dict prefix of one layer's indexer weights, e.g. `model.layers.3.self_attn.indexer.`."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture
-from ..patterns.layout import FULL, validate
+from ..patterns.layout import FULL, first_indexer_layer, validate
 from .pooled import selection_mask
 
 # (indexer module, *the arguments the attention passed to it) -> int32 [B, S, k] selections. Families call their indexer
@@ -32,7 +32,7 @@ class SharingState:
 
     Attributes:
         pattern: F/S string, one letter per layer; assign to change it between forwards.
-        buffer: int [B, S, k] top-k indices of the last F layer that ran, or None before layer 0.
+        buffer: int [B, S, k] top-k indices of the last F layer that ran, or None before the first one.
         indexer_calls: how often each layer's indexer really ran (tests use it to prove S layers skip).
     """
 
@@ -48,6 +48,7 @@ class SharingState:
 
     @pattern.setter
     def pattern(self, pattern: str) -> None:
+        """Only layers whose indexer has weights can be F (the caller checked the pattern's form)."""
         missing = [i for i, c in enumerate(pattern) if c == FULL and i not in self.indexer_layers]
         if missing:
             raise IndexCacheError(f"layers {missing} have no indexer weights in this checkpoint, so they cannot be F")
@@ -129,11 +130,16 @@ def index_sharing(
     """
     layers = arch.layers(model)
     available = indexer_layers(model, arch)
-    if 0 not in available:
-        raise IndexCacheError("layer 0 has no indexer weights, so no layer can compute top-k indices")
+    dsa_layers = arch.dsa_layer_ids(arch.base_model(model).config)
+    first = first_indexer_layer(dsa_layers)
+    if first not in available:
+        raise IndexCacheError(
+            f"layer {first} (the first layer with an indexer) has no indexer weights, so the layers after it "
+            "cannot share its top-k indices"
+        )
     if pattern is None:
         pattern = "".join(FULL if i in available else "S" for i in range(len(layers)))
-    state = SharingState(validate(pattern, len(layers)), available)
+    state = SharingState(validate(pattern, len(layers), dsa_layers), available)
     # The buffer always holds selections; qwen4_exp's attention takes its indexer's [B, 1, S, T] mask of them.
     output = selection_mask if arch.selection == "qsa_blocks" else _unchanged
 

@@ -1,9 +1,9 @@
 """Greedy IndexCache search (Bai et al., arXiv 2603.12201, training-free variant).
 
-Start with every layer F; at each step try turning each remaining F layer (never layer 0, never a forced
-block start) into S, score the calibration loss, commit the flip with the lowest loss (ties: lowest layer),
-and stop at the target number of F layers. Every candidate's loss is recorded. How candidates are scored
-(full forwards, prefix reuse, pruning) lives in `scoring.py`; this file is only the loop.
+Start with every indexer layer F; at each step try turning each remaining F layer (never the first indexer
+layer, never a forced block start) into S, score the calibration loss, commit the flip with the lowest loss
+(ties: lowest layer), and stop at the target number of F layers. Every candidate's loss is recorded. How
+candidates are scored (full forwards, prefix reuse, pruning) lives in `scoring.py`; this file is only the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ..errors import IndexCacheError
-from ..patterns.layout import FULL, from_full_layers, full_layers
+from ..patterns.layout import first_indexer_layer, from_full_layers, full_layers
 from .scoring import CandidateScore, PatternScorer, flip
 
 
@@ -61,27 +61,34 @@ class SearchState:
         return cls(data["start_pattern"], data["target_full"], data["forced_full"], data["loss_all_full"], steps)
 
 
-def block_starts(num_layers: int, blocks: int) -> list[int]:
-    """First layer of each of `blocks` contiguous pipeline stages (sizes as equal as possible, larger first)."""
+def block_starts(num_layers: int, blocks: int, indexer_layers: list[int] | None = None) -> list[int]:
+    """The first indexer layer of each of `blocks` contiguous pipeline stages of decoder layers (sizes as equal
+    as possible, larger first), so no stage reads another's top-k. A stage without an indexer layer adds none.
+
+    indexer_layers: the layers with an indexer (`DsaArchitecture.dsa_layer_ids`); None: every layer."""
     if not 1 <= blocks <= num_layers:
         raise IndexCacheError(f"--blocks {blocks} must lie between 1 and the number of layers ({num_layers})")
+    have = set(range(num_layers) if indexer_layers is None else indexer_layers)
     base, extra = divmod(num_layers, blocks)
     starts, at = [], 0
     for b in range(blocks):
-        starts.append(at)
-        at += base + (b < extra)
+        size = base + (b < extra)
+        starts += [i for i in range(at, at + size) if i in have][:1]
+        at += size
     return starts
 
 
 def initial_state(num_layers: int, indexer_layers: list[int], target_full: int, forced: list[int]) -> SearchState:
-    """All layers with an indexer start F; the search removes indexers until `target_full` remain."""
+    """All layers with an indexer (`indexer_layers`, with weights) start F; the search removes indexers until
+    `target_full` remain. The first of them stays F throughout (nothing precedes it to share)."""
     missing = [f for f in forced if f not in indexer_layers]
     if missing:
         raise IndexCacheError(f"layers {missing} must be F (pipeline block starts) but have no indexer weights")
-    if target_full < len(set(forced) | {0}):
+    first = first_indexer_layer(indexer_layers)
+    if target_full < len(set(forced) | {first}):
         raise IndexCacheError(
-            f"the target keeps {target_full} F layers but layer 0 and the block starts already need "
-            f"{len(set(forced) | {0})}; raise --ratio/--num-full or lower --blocks"
+            f"the target keeps {target_full} F layers but layer {first} (the first with an indexer) and the block "
+            f"starts already need {len(set(forced) | {first})}; raise --ratio/--num-full or lower --blocks"
         )
     return SearchState(from_full_layers(indexer_layers, num_layers), target_full, sorted(forced))
 
@@ -130,7 +137,8 @@ def greedy_search(
     _stop_unless_finite({"the starting pattern": state.loss_all_full})
     total = len(full_layers(state.start_pattern)) - state.target_full
     while len(full_layers(pattern)) > state.target_full:
-        candidates = [i for i in full_layers(pattern) if i != 0 and i not in state.forced_full]
+        # The first F layer is the first indexer layer: it never turns S.
+        candidates = [i for i in full_layers(pattern)[1:] if i not in state.forced_full]
         observer.step_started(len(state.trajectory) + 1, total, candidates)
         report = _BestSoFar(observer, scorer.num_windows)
         scores = scorer.score(pattern, candidates, on_candidate=report)
@@ -152,5 +160,5 @@ def greedy_search(
         observer.step_committed(step)
         if checkpoint:
             checkpoint(state)
-    assert pattern[0] == FULL
+    assert full_layers(pattern)[0] == full_layers(state.start_pattern)[0]
     return state

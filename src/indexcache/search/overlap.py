@@ -2,9 +2,9 @@
 
 An S layer reuses the selection of the nearest preceding F layer, so a pattern keeps, for each S layer s, the
 fraction `overlap[f(s)][s]` of s's own top-k that its F layer f(s) also selects. The DP picks the F set of a given
-size (layer 0 and forced layers included, only layers with an indexer) that maximises the sum of that retained
-overlap over all S layers: Kascade's anchor-layer DP applied to index reuse. Layers without an indexer have no
-selection of their own; they are always S and add nothing to the score, whatever precedes them.
+size (the first indexer layer and forced layers included, only layers with an indexer) that maximises the sum of
+that retained overlap over all S layers: Kascade's anchor-layer DP applied to index reuse. Layers without an
+indexer have no selection of their own; they are always S and add nothing to the score, whatever precedes them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import IndexCacheError
-from ..patterns.layout import FULL, from_full_layers
+from ..patterns.layout import FULL, first_indexer_layer, from_full_layers
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -36,7 +36,8 @@ def retained_overlap(pattern: str, overlap: Matrix, indexer_layers: Sequence[int
 def best_full_layers(
     overlap: Matrix, num_full: int, indexer_layers: Sequence[int], forced: Sequence[int] = ()
 ) -> list[int]:
-    """The `num_full` F layers (always layer 0 and `forced`, only `indexer_layers`) with the most retained overlap.
+    """The `num_full` F layers (always the first of `indexer_layers` and `forced`, only `indexer_layers`) with the
+    most retained overlap.
 
     overlap: N × N, `overlap[i][j]` = fraction of layer j's top-k that layer i also selects (rows/columns of
     layers without an indexer are ignored). Exact, O(num_full · N²). Ties go to the lexicographically smallest
@@ -44,12 +45,13 @@ def best_full_layers(
     """
     n = len(overlap)
     allowed = set(indexer_layers)
-    must = sorted(set(forced) | {0})
+    first = first_indexer_layer(sorted(allowed))
+    must = sorted(set(forced) | {first})
     if any(m not in allowed for m in must):
         raise IndexCacheError(f"layers {[m for m in must if m not in allowed]} must be F but have no indexer weights")
     if not len(must) <= num_full <= len(allowed):
         raise IndexCacheError(
-            f"cannot keep {num_full} F layers: at least {len(must)} (layer 0 and forced layers) and at most "
+            f"cannot keep {num_full} F layers: at least {len(must)} (layer {first} and forced layers) and at most "
             f"{len(allowed)} (layers with an indexer)"
         )
 
@@ -75,9 +77,9 @@ def best_full_layers(
                 score = segment(a, b) + best[c - 1][b]
                 if score > best[c][a]:  # strict: on ties the earliest next F layer wins
                     best[c][a], nxt[c][a] = score, b
-    if best[num_full][0] == neg:
+    if best[num_full][first] == neg:
         raise IndexCacheError(f"no pattern with {num_full} F layers honours the forced layers {must}")
-    chosen, at = [0], 0
+    chosen, at = [first], first
     for c in range(num_full, 1, -1):
         at = nxt[c][at]
         chosen.append(at)
