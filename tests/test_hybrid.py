@@ -15,9 +15,15 @@ if not torch.cuda.is_available():
     use_triton_interpreter()
 
 from indexcache.kernels.backend import forced  # noqa: E402
+from indexcache.models import architecture_for  # noqa: E402
+from indexcache.runtime.backends import select_backend  # noqa: E402
+from indexcache.runtime.forward import LayerwiseModel  # noqa: E402
+from indexcache.runtime.patch import index_sharing  # noqa: E402
 from indexcache.runtime.pooled import kpool_kernel, qsa_kernel, qsa_reference, selection_mask  # noqa: E402
+from indexcache.search.scoring import CachedScorer, CachePlan, PatternScorer  # noqa: E402
 
 from tiny_families import glm5_next_model, qwen4_exp_text_model  # noqa: E402
+from tiny_models import patched_loss, random_ids, stock_loss  # noqa: E402
 
 SEQ = 40  # a query keeps at most 8 + 3 tokens: most of the 40 positions choose
 
@@ -74,3 +80,93 @@ def test_kernel_selections_equal_the_references():
     with torch.no_grad(), forced("triton"):
         got = qsa_kernel(indexer, hidden, rotary)
     assert torch.equal(_rows(got), _rows(qsa_reference(indexer, hidden, rotary)))
+
+
+# ------------------------------------------------------------------- the F/S patch against stock transformers
+
+BUILDERS = {"glm5_next": glm5_next_model, "qwen4_exp_text": qwen4_exp_text_model}
+INDEXED = [3, 7, 11]
+ALL_FULL = "SSSFSSSFSSSF"  # layers without an indexer are S
+# One long S run over eight linear layers, S right after linear layers, a late F.
+PATTERNS = ["SSSFSSSSSSSS", "SSSFSSSFSSSS", "SSSFSSSSSSSF"]
+
+
+def hooked_stock_loss(model, arch, pattern: str, ids: torch.Tensor) -> float:
+    """The oracle: the stock model (every indexer runs), with each S indexed layer's indexer output replaced by a
+    forward hook with the output of the previous F indexed layer's indexer. Nothing of our patch is involved."""
+    last = {}
+
+    def hook(module, args, output, layer):
+        if pattern[layer] == "F":
+            last["output"] = output
+            return None
+        return last["output"]
+
+    handles = [
+        arch.attention(layer).indexer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+        for i, layer in enumerate(arch.layers(model))
+        if i in INDEXED
+    ]
+    try:
+        return stock_loss(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_all_full_equals_stock_and_only_indexed_layers_run_an_indexer(family):
+    model, arch = BUILDERS[family](seed=1), architecture_for(family)
+    ids = random_ids(2, SEQ, seed=3)
+    loss, calls = patched_loss(model, arch, ALL_FULL, ids)
+    assert loss == pytest.approx(stock_loss(model, ids), rel=1e-5)
+    assert sorted(calls) == INDEXED
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_s_layers_after_linear_layers_match_the_hooked_stock_model(family):
+    """Our loss with S indexed layers (after any number of linear layers) equals the oracle's, each pattern has its
+    own loss (sharing matters on these models), and S layers never ran their indexer."""
+    model, arch = BUILDERS[family](seed=1), architecture_for(family)
+    ids = random_ids(2, SEQ, seed=3)
+    losses = {}
+    for pattern in PATTERNS:
+        losses[pattern], calls = patched_loss(model, arch, pattern, ids)
+        assert losses[pattern] == pytest.approx(hooked_stock_loss(model, arch, pattern, ids), rel=1e-5)
+        assert sorted(calls) == [i for i, c in enumerate(pattern) if c == "F"]
+    losses[ALL_FULL] = patched_loss(model, arch, ALL_FULL, ids)[0]
+    assert len({round(v, 6) for v in losses.values()}) == len(losses)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_prefix_cache_equals_full_forwards(family):
+    """Restarting at an indexed layer from the cache (hidden streams, the index buffer, the layer inputs with PLE
+    token ids) gives exactly the full forward's loss, in device and host memory and keeping every 2nd layer."""
+    model, arch = BUILDERS[family](seed=1), architecture_for(family)
+    lw = LayerwiseModel(model, arch)
+    windows = random_ids(2, SEQ, seed=4)
+    with torch.no_grad(), index_sharing(model, arch) as sharing:
+        naive = PatternScorer(lw, sharing, windows, batch_size=1)
+        expected = {layer: naive.loss(ALL_FULL[:layer] + "S" + ALL_FULL[layer + 1 :]) for layer in (7, 11)}
+        for plan in (CachePlan("device", 1), CachePlan("device", 2), CachePlan("host", 1)):
+            cached = CachedScorer(lw, sharing, windows, batch_size=1, plan=plan)
+            assert {layer: s.loss for layer, s in cached.score(ALL_FULL, [7, 11]).items()} == expected
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_kernel_path_reproduces_the_reference_loss(family):
+    """`--kernels triton`'s choice run on the CPU (Triton's interpreter): the pooled kernel selection and the
+    family's own attention give the reference loss."""
+    overrides = {"glm5_next": {"index_n_heads": 8}, "qwen4_exp_text": {"indexer_n_heads": 8}}[family]
+    model, arch = BUILDERS[family](seed=2, **overrides), architecture_for(family)
+    ids = random_ids(1, 32, seed=5)
+    losses = {}
+    for backend in ("reference", "triton"):
+        name, indexer_fn, attn = select_backend(arch, torch.device("cuda"), backend)
+        assert attn == (None if backend == "reference" else "sdpa")
+        lw = LayerwiseModel(model, arch)
+        with torch.no_grad(), index_sharing(model, arch, "SSSFSSSSSSSF", indexer_fn, attn), forced(backend):
+            hidden, inputs = lw.embed(ids)
+            hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
+            losses[backend] = lw.nll_sum(hidden, ids).item()
+    assert losses["triton"] == pytest.approx(losses["reference"], rel=1e-5)

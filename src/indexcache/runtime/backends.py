@@ -13,8 +13,8 @@ from .. import defaults
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture
 from .absorbed import absorbed_attention
-from .patch import IndexerFn, SharingState, index_sharing, reference_indexer
-from .pooled import kpool_kernel, qsa_kernel, qsa_reference
+from .patch import IndexerFn, SharingState, index_sharing, reference_indexer, reference_selection
+from .pooled import kpool_kernel, qsa_kernel
 
 CHOICES = ("auto", "triton", "reference")
 
@@ -34,7 +34,7 @@ def select_backend(
     """
     if choice not in CHOICES:
         raise IndexCacheError(f"--kernels {choice} is not one of {', '.join(CHOICES)}")
-    reference = qsa_reference if arch.selection == "qsa_blocks" else reference_indexer
+    reference = reference_selection(arch)
     if choice == "reference" or (choice == "auto" and (device.type != "cuda" or not arch.indexer_kernel)):
         return "reference", reference, None
     if not arch.indexer_kernel:

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture
 from ..patterns.layout import FULL, first_indexer_layer, validate
-from .pooled import selection_mask
+from .pooled import qsa_reference, selection_mask
 
 # (indexer module, *the arguments the attention passed to it) -> int32 [B, S, k] selections. Families call their indexer
 # with different arguments (glm_moe_dsa: hidden_states, q_resid, ...; mistral_large4: hidden_states,
@@ -104,6 +104,12 @@ def reference_indexer(indexer, *args, **kwargs):
     return indexer(*args, **kwargs)
 
 
+def reference_selection(arch: DsaArchitecture) -> IndexerFn:
+    """How an F layer selects on the reference path: the stock indexer, or where that returns a mask instead of
+    selections (qwen4_exp), the vectorised reference of exactly its selection."""
+    return qsa_reference if arch.selection == "qsa_blocks" else reference_indexer
+
+
 def indexer_layers(model: nn.Module, arch: DsaArchitecture) -> list[int]:
     """Layers whose attention carries an indexer module (and so can be F)."""
     return [i for i, layer in enumerate(arch.layers(model)) if getattr(arch.attention(layer), arch.indexer_attr, None)]
@@ -114,7 +120,7 @@ def index_sharing(
     model: nn.Module,
     arch: DsaArchitecture,
     pattern: str | None = None,
-    indexer_fn: IndexerFn = reference_indexer,
+    indexer_fn: IndexerFn | None = None,
     attn_implementation: str | None = None,
 ) -> Iterator[SharingState]:
     """Patch `model` in place so every DSA layer follows `state.pattern`; restore it on exit.
@@ -122,7 +128,7 @@ def index_sharing(
     Args:
         model: a loaded DSA CausalLM (`arch.model_type`).
         pattern: initial F/S string; defaults to F on every layer that has an indexer.
-        indexer_fn: how an F layer computes its top-k (the stock indexer, or a fused kernel).
+        indexer_fn: how an F layer computes its top-k (a fused kernel; default `reference_selection(arch)`).
         attn_implementation: an attention registered in transformers' `AttentionInterface` to use inside the
             context (the sparse kernel consumes the indices directly), or None to keep the model's own.
     Yields:
@@ -154,7 +160,9 @@ def index_sharing(
         if not was_module:
             # glm_moe_dsa stores `indexer = None` on layers built as shared; make room for a submodule.
             del attn.__dict__[arch.indexer_attr]
-        setattr(attn, arch.indexer_attr, _IndexerSwitch(i, inner, state, indexer_fn, output))
+        setattr(
+            attn, arch.indexer_attr, _IndexerSwitch(i, inner, state, indexer_fn or reference_selection(arch), output)
+        )
     previous_attn = model.config._attn_implementation
     try:
         if attn_implementation is not None:
