@@ -84,6 +84,13 @@ def run_bench(
         raise IndexCacheError(f"--ratio {ratio} is outside (0, 1]")
     timed = timed_layers(config)  # the pattern's letters on the indexer layers: the other layers are never timed
     num_layers = len(timed)
+    untimed = config.get_text_config().num_hidden_layers - num_layers
+    if untimed:
+        out.print(
+            f"note: the {untimed} layers without an indexer cost the same under every pattern and are not timed; "
+            f"rows count the {num_layers} indexer layers",
+            highlight=False,
+        )
     pattern = "".join(data["index_topk_pattern"][i] for i in timed) if data else None
     patterns = named_patterns(num_layers, pattern, ratio)
     dev = _device(device)

@@ -14,7 +14,7 @@ from ..errors import IndexCacheError
 from ..models import DsaArchitecture
 from .absorbed import absorbed_attention
 from .patch import IndexerFn, SharingState, index_sharing, reference_indexer, reference_selection
-from .pooled import kpool_kernel, qsa_kernel
+from .pooled import kpool_kernel, kpool_projections, qsa_kernel, qsa_projections
 
 CHOICES = ("auto", "triton", "reference")
 
@@ -68,6 +68,16 @@ def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
         scale_in_weights=arch.indexer_scale_in_weights,
         position_ids=call.get("position_ids"),
     )
+
+
+def scoring_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
+    """(q, keys, weights, score scale, tokens per key) of one indexer call: `indexer_inputs` with one token per key,
+    or a pooled indexer's pool keys (`pooled.py`)."""
+    if arch.selection == "kpool":
+        return kpool_projections(indexer, *args, **kwargs)
+    if arch.selection == "qsa_blocks":
+        return qsa_projections(indexer, *args, **kwargs)
+    return (*indexer_inputs(arch, indexer, *args, **kwargs), 1)
 
 
 def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:

@@ -32,11 +32,11 @@ def _prefill_only(cache) -> None:
         raise IndexCacheError("pooled indexers run prefill only here; call the model with use_cache=False")
 
 
-@torch.no_grad()
-def kpool_kernel(
+def kpool_projections(
     indexer: nn.Module, hidden_states: torch.Tensor, q_resid: torch.Tensor, attention_mask: torch.Tensor, cache=None
-) -> torch.Tensor:
-    """glm5_next's selection through the Triton indexer: int32 [B, S, index_topk + index_kpool − 1].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
+    """glm5_next's scoring inputs: q [B, S, H, D], pool keys [B, S // kpool, D] (complete pools, the stock
+    `get_pooled_states`), fp32 head weights [B, S, H], the score scale and the pool size.
 
     hidden_states: [B, S, hidden], q_resid: [B, S, q_lora], attention_mask: bool [B, S] (all True: no padding).
     """
@@ -46,10 +46,17 @@ def kpool_kernel(
     k = indexer.k_norm(indexer.wk(hidden_states))
     gate_scores = F.linear(hidden_states, indexer.index_kpool_compress_gate)
     packed = torch.cat([k, gate_scores, attention_mask.to(k.dtype)[..., None]], dim=-1)
-    pool_keys, _, _ = indexer.get_pooled_states(packed_states=packed)  # [B, S // kpool, D]: complete pools
+    pool_keys, _, _ = indexer.get_pooled_states(packed_states=packed)
     weights = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * indexer.n_heads**-0.5
-    kept = indexer.index_topk // indexer.index_kpool
-    return pooled_topk(q, pool_keys.contiguous(), weights, kept, indexer.softmax_scale, indexer.index_kpool)
+    return q, pool_keys.contiguous(), weights, indexer.softmax_scale, indexer.index_kpool
+
+
+@torch.no_grad()
+def kpool_kernel(indexer: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """glm5_next's selection through the Triton indexer: int32 [B, S, index_topk + index_kpool − 1] (arguments as
+    the stock indexer's)."""
+    q, pool_keys, weights, scale, pool = kpool_projections(indexer, *args, **kwargs)
+    return pooled_topk(q, pool_keys, weights, indexer.index_topk // pool, scale, pool)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -60,10 +67,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def qsa_projections(
-    indexer: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The QSA indexer's rotated queries q [B, S, H, D] and block keys [B, S // c, D], as the stock forward forms
-    them (key means in fp32, cast back, normed, rotated at each block's first position)."""
+    indexer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    cache=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
+    """The QSA indexer's scoring inputs, as the stock forward forms them: rotated queries q [B, S, H, D], block keys
+    [B, S // c, D] (key means in fp32, cast back, normed, rotated at each block's first position), head weights
+    (all 1, fp32 [B, S, H]), the score scale 1/sqrt(D) and the block size c."""
+    _prefill_only(cache)
     batch, seq_len, _ = hidden_states.shape
     n_heads, head_dim, ratio = indexer.index_n_heads, indexer.index_head_dim, indexer.compress_ratio
     cos, sin = position_embeddings
@@ -73,7 +86,8 @@ def qsa_projections(
     means = token_k[:, : blocks * ratio].view(batch, blocks, ratio, head_dim).float().mean(dim=2).to(token_k.dtype)
     starts = torch.arange(blocks, device=q.device) * ratio
     block_keys = _rope(indexer.k_layernorm(means)[:, :, None], cos[:, starts], sin[:, starts]).squeeze(2)
-    return q, block_keys
+    weights = torch.ones(q.shape[:3], dtype=torch.float32, device=q.device)
+    return q, block_keys.contiguous(), weights, head_dim**-0.5, ratio
 
 
 @torch.no_grad()
@@ -89,10 +103,9 @@ def qsa_reference(
     Same arithmetic as `Qwen4ExpTextQSAIndexer.forward` (fp32 q · k per head, ReLU, head sum, / sqrt(D)); a query
     t ranks the (t + 1) // c blocks it sees completely.
     """
-    _prefill_only(cache)
-    q, block_keys = qsa_projections(indexer, hidden_states, position_embeddings)
+    q, block_keys, _, _, ratio = qsa_projections(indexer, hidden_states, position_embeddings, cache=cache)
     batch, seq_len, n_heads, head_dim = q.shape
-    ratio, blocks = indexer.compress_ratio, block_keys.shape[1]
+    blocks = block_keys.shape[1]
     take = min(indexer.block_topk, blocks)
     picks = torch.full((batch, seq_len, indexer.block_topk), -1, dtype=torch.int32, device=q.device)
     keys_t = block_keys.float().transpose(-1, -2).unsqueeze(1)  # [B, 1, D, P]
@@ -108,19 +121,10 @@ def qsa_reference(
 
 
 @torch.no_grad()
-def qsa_kernel(
-    indexer: nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    attention_mask: torch.Tensor | None = None,
-    cache=None,
-) -> torch.Tensor:
+def qsa_kernel(indexer: nn.Module, *args, **kwargs) -> torch.Tensor:
     """The QSA selection through the Triton indexer (head weights 1, scale 1/sqrt(D)): as `qsa_reference`."""
-    _prefill_only(cache)
-    q, block_keys = qsa_projections(indexer, hidden_states, position_embeddings)
-    weights = torch.ones(q.shape[:3], dtype=torch.float32, device=q.device)
-    scale = indexer.index_head_dim**-0.5
-    return pooled_topk(q, block_keys.contiguous(), weights, indexer.block_topk, scale, indexer.compress_ratio)
+    q, block_keys, weights, scale, ratio = qsa_projections(indexer, *args, **kwargs)
+    return pooled_topk(q, block_keys, weights, indexer.block_topk, scale, ratio)
 
 
 def selection_mask(selection: torch.Tensor) -> torch.Tensor:
