@@ -5,15 +5,20 @@ hooks that hand each S indexed layer's attention the previous F indexed layer's 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import transformers
 from transformers.masking_utils import create_causal_mask
+from typer.testing import CliRunner
 
 from indexcache.kernels.testing import use_triton_interpreter
 
 if not torch.cuda.is_available():
     use_triton_interpreter()
 
+from indexcache.cli.app import app  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
 from indexcache.runtime.backends import select_backend  # noqa: E402
@@ -22,7 +27,8 @@ from indexcache.runtime.patch import index_sharing  # noqa: E402
 from indexcache.runtime.pooled import kpool_kernel, qsa_kernel, qsa_reference, selection_mask  # noqa: E402
 from indexcache.search.scoring import CachedScorer, CachePlan, PatternScorer  # noqa: E402
 
-from tiny_families import glm5_next_model, qwen4_exp_text_model  # noqa: E402
+from conftest import _tokenizer  # noqa: E402
+from tiny_families import glm5_next_model, qwen4_exp_model, qwen4_exp_text_model  # noqa: E402
 from tiny_models import patched_loss, random_ids, stock_loss  # noqa: E402
 
 SEQ = 40  # a query keeps at most 8 + 3 tokens: most of the 40 positions choose
@@ -170,3 +176,79 @@ def test_kernel_path_reproduces_the_reference_loss(family):
             hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
             losses[backend] = lw.nll_sum(hidden, ids).item()
     assert losses["triton"] == pytest.approx(losses["reference"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the CLI, end to end
+
+CHECKPOINTS = {"glm5_next": glm5_next_model, "qwen4_exp_text": qwen4_exp_text_model, "qwen4_exp": qwen4_exp_model}
+# What `apply` says: stock glm5_next cannot run an S layer after a linear layer; nothing reads qwen4_exp patterns.
+NOTES = {"glm5_next": "cannot run this pattern", "qwen4_exp_text": "no reader", "qwen4_exp": "no reader"}
+KEYS = {"glm5_next": {"index_topk_pattern", "indexer_types"}, "qwen4_exp_text": {"indexer_types"}}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("family", sorted(CHECKPOINTS))
+def test_cli_round_trip(family, text_file, tmp_path):
+    """search → eval → analyze → apply → bench (CPU smoke) on a tiny checkpoint; distill refuses in one line. The
+    pattern keeps the first indexed layer F and every linear layer S; the applied config carries it."""
+    arch = architecture_for(family)
+    checkpoint = tmp_path / "ckpt"
+    model = CHECKPOINTS[family](seed=0)
+    model.save_pretrained(checkpoint)
+    _tokenizer(checkpoint)
+    pattern_path = tmp_path / "p.json"
+    sizes = ["--num-samples", "2", "--seq-len", "40", "--device", "cpu"]
+    ratio = ["--num-full", "2"]
+    result = invoke("search", "--model", checkpoint, "--dataset", text_file, *sizes, *ratio, "-o", pattern_path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(pattern_path.read_text())
+    pattern = data["index_topk_pattern"]
+    assert data["model"]["indexer_layers"] == INDEXED and data["model"]["index_topk"] == 11
+    assert pattern[3] == "F" and pattern.count("F") == 2 and {i for i, c in enumerate(pattern) if c == "F"} < {3, 7, 11}
+    assert len(data["trajectory"]) == 1 and data["calibration"]["positions_over_topk"] > 0
+
+    result = invoke("eval", pattern_path)
+    assert result.exit_code == 0 and "all-F" in result.stdout, result.output
+
+    result = invoke("analyze", "--model", checkpoint, "--dataset", text_file, *sizes, "-o", tmp_path / "an")
+    assert result.exit_code == 0, result.output
+    overlap = json.loads((tmp_path / "an" / "analysis.json").read_text())["overlap"]
+    assert [i for i in range(12) if overlap[i][i] is not None] == INDEXED and overlap[3][3] == 1.0
+    assert 0 < overlap[3][7] < 1 and overlap[3][7] == pytest.approx(overlap[7][3])
+
+    applied = tmp_path / "applied"
+    result = invoke("apply", pattern_path, "--model", checkpoint, "--output", applied)
+    assert result.exit_code == 0 and NOTES[family] in result.stderr, result.output
+    config = json.loads((applied / "config.json").read_text())
+    written = config.get("text_config", config)
+    assert KEYS.get(family, KEYS["qwen4_exp_text"]) <= written.keys()
+    assert written["indexer_types"] == ["full" if c == "F" else "shared" for c in pattern]
+    if family == "glm5_next":  # the note's claim: stock transformers builds the pattern but cannot run it
+        stock = getattr(transformers, arch.auto_class).from_pretrained(applied, attn_implementation="eager").eval()
+        with pytest.raises(ValueError, match="require top-k indices from a previous full indexer layer"):
+            stock_loss(stock, random_ids(1, SEQ))
+
+    result = invoke("bench", pattern_path, "--device", "cpu", "--context", 24, "--layers", 2, "--reps", 1)
+    assert result.exit_code == 0 and "rows count the 3 indexer layers" in result.stdout, result.output
+    line = one_error_line(invoke("distill", pattern_path, "--steps", 1, "-o", tmp_path / "d", "--device", "cpu"))
+    assert "scores pools of tokens" in line and not (tmp_path / "d").exists()
+
+
+def test_windows_in_which_no_query_chooses_are_refused(text_file, tmp_path):
+    """A query keeps up to budget + block − 1 = 11 tokens: 11-token windows would score every pattern alike."""
+    checkpoint = tmp_path / "ckpt"
+    qwen4_exp_text_model(seed=0).save_pretrained(checkpoint)
+    _tokenizer(checkpoint)
+    sizes = ["--num-samples", "2", "--seq-len", "11", "--device", "cpu"]
+    line = one_error_line(invoke("search", "--model", checkpoint, "--dataset", text_file, *sizes, "-o", tmp_path / "p"))
+    assert "index_topk (11)" in line and not (tmp_path / "p").exists()

@@ -24,7 +24,9 @@ from transformers import (
     MiniMaxM3VLTextConfig,
     MistralLarge4Config,
     MistralLarge4ForConditionalGeneration,
+    Qwen4ExpConfig,
     Qwen4ExpForCausalLM,
+    Qwen4ExpForConditionalGeneration,
     Qwen4ExpTextConfig,
 )
 
@@ -265,5 +267,20 @@ def qwen4_exp_text_model(seed: int = 0, **overrides) -> Qwen4ExpForCausalLM:
     config = Qwen4ExpTextConfig(**kwargs)
     config._attn_implementation = "eager"
     model = Qwen4ExpForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def qwen4_exp_model(seed: int = 0) -> Qwen4ExpForConditionalGeneration:
+    """The qwen4_exp text model above behind a 1-layer vision tower (the class Qwen4-Exp checkpoints load as)."""
+    text = qwen4_exp_text_model(seed).config.to_dict()
+    torch.manual_seed(seed)
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+        num_position_embeddings=16,
+    )  # fmt: skip
+    config = Qwen4ExpConfig(text_config=text, vision_config=vision)
+    config._attn_implementation = "eager"
+    model = Qwen4ExpForConditionalGeneration(config).eval()
     _perturb(model, seed)
     return model
