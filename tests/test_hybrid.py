@@ -252,3 +252,15 @@ def test_windows_in_which_no_query_chooses_are_refused(text_file, tmp_path):
     sizes = ["--num-samples", "2", "--seq-len", "11", "--device", "cpu"]
     line = one_error_line(invoke("search", "--model", checkpoint, "--dataset", text_file, *sizes, "-o", tmp_path / "p"))
     assert "index_topk (11)" in line and not (tmp_path / "p").exists()
+
+
+def test_bench_builds_indexer_layers_of_the_released_config():
+    """`indexcache bench` on GLM-5.3-Flash's own config: K indexed layers (the 34 KDA layers are not timed), every
+    one with its indexer, and a padding id inside the stack's small vocabulary."""
+    from indexcache.bench.prefill import stack_config, timed_layers
+
+    config = transformers.Glm5NextConfig()
+    assert timed_layers(config) == list(range(3, 45, 4))
+    text = stack_config(config, 2).get_text_config()
+    assert text.layer_types == ["indexed_attention"] * 2 and text.indexer_types == ["full"] * 2
+    assert text.pad_token_id is None and text.num_hidden_layers == 2

@@ -54,6 +54,8 @@ def stack_config(config, num_layers: int, dense_mlp: bool = True):
         setattr(text, attribute, [value] * num_layers)
     text.num_hidden_layers = num_layers
     text.vocab_size = _VOCAB
+    if (getattr(text, "pad_token_id", None) or 0) >= _VOCAB:  # glm5_next pads with id 154820
+        text.pad_token_id = None
     text.max_position_embeddings = max(getattr(text, "max_position_embeddings", 0), 2**18)
     if dense_mlp:
         text.first_k_dense_replace = num_layers
