@@ -58,6 +58,21 @@ def test_indexer_matches_reference(batch, seq_len, num_keys, n_heads, head_dim, 
     check_selection(got, index_scores_reference(q, k, w, scale, key_mask), topk)
 
 
+@pytest.mark.parametrize(
+    "seq_len,pool,topk",
+    [pytest.param(75, 4, 8, id="S75-pool4-K8"), pytest.param(70, 16, 2, id="S70-pool16-K2")],
+)
+def test_pooled_keys_match_reference(seq_len, pool, topk):
+    """Keys that stand for pools of `pool` tokens (key_stride): query t ranks only the (t + 1) // pool pools it sees
+    whole; rows that see none are all -1."""
+    q, k, w, _ = _inputs(1, seq_len, seq_len // pool, 3, 32, seed=seq_len + pool)
+    with poisoned_empty():
+        got = lightning_indexer_topk_triton(q, k, w, topk, 0.2, q_offset=0, key_stride=pool, **SMALL_TILES)
+    scores = index_scores_reference(q, k, w, 0.2, q_offset=0, key_stride=pool)
+    assert torch.isfinite(scores[:, pool - 1, :1]).all() and not torch.isfinite(scores[:, pool - 2]).any()
+    check_selection(got, scores, topk)
+
+
 def test_indexer_ties_are_resolved_to_exactly_k():
     """One head with a negative weight: ReLU zeroes most scores, so the k-th best is a tie shared by many keys;
     the radix select must still return exactly k distinct keys from the tied bucket."""

@@ -12,6 +12,8 @@ from transformers import (
     AXK2ForCausalLM,
     Dots3NoteForCausalLM,
     Dots3NoteTextConfig,
+    Glm5NextConfig,
+    Glm5NextForConditionalGeneration,
     HYV4Config,
     HYV4ForCausalLM,
     HYV4VLConfig,
@@ -22,6 +24,10 @@ from transformers import (
     MiniMaxM3VLTextConfig,
     MistralLarge4Config,
     MistralLarge4ForConditionalGeneration,
+    Qwen4ExpConfig,
+    Qwen4ExpForCausalLM,
+    Qwen4ExpForConditionalGeneration,
+    Qwen4ExpTextConfig,
 )
 
 from tiny_models import _TINY, _perturb
@@ -173,5 +179,108 @@ def dots3_note_text_model(seed: int = 0, **overrides) -> Dots3NoteForCausalLM:
     config = Dots3NoteTextConfig(**kwargs)
     config._attn_implementation = "eager"
     model = Dots3NoteForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+# The hybrid families: linear-attention layers, a DSA layer after every three (layers 3, 7 and 11 of 12).
+HYBRID_LAYERS = 12
+
+
+def glm5_next_model(
+    seed: int = 0, indexer_types: list[str] | None = None, **overrides
+) -> Glm5NextForConditionalGeneration:
+    """12 layers (3 dense MLPs, then MoE), KDA linear attention except 3, 7, 11; the indexer keeps 2 pools of 4
+    tokens plus the tail (≤ 11 tokens) per query; 4 hyper-connection streams; behind a 1-layer vision tower."""
+    torch.manual_seed(seed)
+    text = dict(
+        {k: _TINY[k] for k in ("vocab_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")},
+        **{k: _TINY[k] for k in ("q_lora_rank", "kv_lora_rank", "index_n_heads", "index_head_dim")},
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=HYBRID_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        index_topk=8,
+        index_kpool=4,
+        linear_head_dim=8,
+        linear_num_heads=2,
+        hc_sinkhorn_iters=3,
+        max_position_embeddings=512,
+        pad_token_id=None,
+        eos_token_id=1,
+        bos_token_id=0,
+        indexer_types=indexer_types,
+    )
+    text.update(overrides)
+    vision = dict(
+        depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, projection_intermediate_size=32,
+        patch_size=4, image_size=16,
+    )  # fmt: skip
+    config = Glm5NextConfig(text_config=text, vision_config=vision)
+    config._attn_implementation = "eager"
+    model = Glm5NextForConditionalGeneration(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def qwen4_exp_text_model(seed: int = 0, **overrides) -> Qwen4ExpForCausalLM:
+    """12 layers, GatedDeltaNet except 3, 7, 11, PLE on layer 2 (1-indexed: layer id 2); the QSA indexer keeps 2
+    blocks of 4 tokens plus the tail (≤ 11 tokens) per query; mRoPE on half the head; 4 flat streams."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=_TINY["vocab_size"],
+        hidden_size=32,
+        num_hidden_layers=HYBRID_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        hc_lowrank=8,
+        ple_layer_ids=[2],
+        ngram_vocab_size_base=1000,
+        heads_per_ngram=2,
+        split_ngram_parts=1,
+        indexer_n_heads=4,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=8,
+        indexer_compress_ratio=4,
+        max_position_embeddings=512,
+        eos_token_id=1,
+        bos_token_id=0,
+        rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+    )  # fmt: skip
+    kwargs.update(overrides)
+    config = Qwen4ExpTextConfig(**kwargs)
+    config._attn_implementation = "eager"
+    model = Qwen4ExpForCausalLM(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def qwen4_exp_model(seed: int = 0) -> Qwen4ExpForConditionalGeneration:
+    """The qwen4_exp text model above behind a 1-layer vision tower (the class Qwen4-Exp checkpoints load as)."""
+    text = qwen4_exp_text_model(seed).config.to_dict()
+    torch.manual_seed(seed)
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+        num_position_embeddings=16,
+    )  # fmt: skip
+    config = Qwen4ExpConfig(text_config=text, vision_config=vision)
+    config._attn_implementation = "eager"
+    model = Qwen4ExpForConditionalGeneration(config).eval()
     _perturb(model, seed)
     return model

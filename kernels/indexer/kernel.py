@@ -39,6 +39,7 @@ def _index_scores_kernel(
     T,
     chunk_start,
     q_offset,
+    key_stride,
     stride_wb,
     stride_wh,
     stride_mb,
@@ -59,7 +60,8 @@ def _index_scores_kernel(
 
     t0 = chunk_start + pid_m * BLOCK_M  # first query of the tile
     n_start = pid_n * BLOCK_N
-    if n_start > tl.minimum(t0 + BLOCK_M - 1, S - 1) + q_offset:  # tile entirely above the causal diagonal
+    # Tile entirely past the last query's reach: query t sees the first (t + q_offset + 1) // key_stride keys.
+    if n_start >= (tl.minimum(t0 + BLOCK_M - 1, S - 1) + q_offset + 1) // key_stride:
         return
 
     kt = tl.trans(k_desc.load([b * T + n_start, 0]))
@@ -283,7 +285,7 @@ def _first_digit(lo, hi):
 @triton.jit
 def _radix_topk_kernel(
     Scores, Out, ScratchKey, ScratchIdx,
-    S, T, row_stride, chunk_start, q_offset, chunk_rows,
+    S, T, row_stride, chunk_start, q_offset, key_stride, chunk_rows,
     stride_ob, stride_os,
     TOPK: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
     BRACKET: tl.constexpr, SIGMAS: tl.constexpr, SAMPLE_RUN: tl.constexpr, SAMPLE_STRIDE: tl.constexpr,
@@ -301,7 +303,7 @@ def _radix_topk_kernel(
     r = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: no long row starts in the last wave
     b = tl.program_id(1).to(tl.int64)
     t = chunk_start + r
-    n = tl.minimum(t + q_offset + 1, T)  # keys in causal reach; padding among them is order key 0
+    n = tl.minimum((t + q_offset + 1) // key_stride, T)  # keys in causal reach; padding among them is order key 0
     row = Scores + (b * chunk_rows + r) * row_stride
     out = Out + b * stride_ob + t.to(tl.int64) * stride_os
     scratch_key = ScratchKey + (b * chunk_rows + r) * CAP
@@ -354,6 +356,7 @@ def lightning_indexer_topk_triton(
     softmax_scale: float,
     key_mask: torch.Tensor | None = None,
     q_offset: int | None = None,
+    key_stride: int = 1,
     *,
     block_m: int = 64,
     block_n: int = 128,
@@ -369,7 +372,8 @@ def lightning_indexer_topk_triton(
     bracket_min_keys: int | None = None,
     buffer_bytes: int = 1 << 30,
 ) -> torch.Tensor:
-    """int32 [B, S, topk]; same contract as `lightning_indexer_topk_reference`.
+    """int32 [B, S, topk]; same contract as `lightning_indexer_topk_reference` (`key_stride`: keys are pools of
+    that many tokens, see there).
 
     The score buffer holds `buffer_bytes // (4 T B)` query rows (at least one block), so memory stays
     O(S · topk + buffer) for any S. Defaults: the fastest variants measured on an H100 (NOTES.md). `bracket`
@@ -401,11 +405,11 @@ def lightning_indexer_topk_triton(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for start in range(0, seq_len, chunk):
         rows = min(chunk, seq_len - start)
-        reach = min(num_keys, start + rows + q_offset)
-        grid = (triton.cdiv(reach, block_n), triton.cdiv(rows, block_m), batch)
+        reach = min(num_keys, (start + rows + q_offset) // key_stride)
+        grid = (max(1, triton.cdiv(reach, block_n)), triton.cdiv(rows, block_m), batch)
         _index_scores_kernel[grid](
             q_desc, k_desc, out_desc, w, mask,
-            seq_len, num_keys, start, q_offset,
+            seq_len, num_keys, start, q_offset, key_stride,
             w.stride(0), w.stride(1), mask.stride(0),
             H=n_heads, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=precision, UPCAST_DOT=interpreting(),
@@ -413,7 +417,7 @@ def lightning_indexer_topk_triton(
         )  # fmt: skip
         _radix_topk_kernel[(rows, batch)](
             scores, out, scratch_key, scratch_idx,
-            seq_len, num_keys, row_stride, start, q_offset, chunk,
+            seq_len, num_keys, row_stride, start, q_offset, key_stride, chunk,
             out.stride(0), out.stride(1),
             TOPK=topk, BLOCK=select_block, CAP=bucket_cap, BRACKET=bracket, SIGMAS=bracket_sigmas,
             SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, MIN_KEYS=max(topk, bracket_min_keys or 2 * topk),
@@ -451,7 +455,7 @@ def topk_of_scores_triton(
     scratch_idx = torch.empty_like(scratch_key)
     _radix_topk_kernel[(seq_len, batch)](
         buffer, out, scratch_key, scratch_idx,
-        seq_len, num_keys, num_keys, 0, q_offset, seq_len,
+        seq_len, num_keys, num_keys, 0, q_offset, 1, seq_len,
         out.stride(0), out.stride(1),
         TOPK=topk, BLOCK=select_block, CAP=bucket_cap, BRACKET=bracket, SIGMAS=bracket_sigmas,
         SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, MIN_KEYS=max(topk, bracket_min_keys or 2 * topk),

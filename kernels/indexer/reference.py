@@ -7,6 +7,10 @@ end of the T keys, so prefill has q_offset = 0 and one decode step against a cac
 key_mask[b, s] (padding). The top `topk` keys per query are returned; a query that sees fewer than `topk` keys gets
 all of them, then the sentinel -1.
 
+With `key_stride` c > 1 every key stands for a pool of c consecutive tokens (glm5_next's kpool pools, Qwen4-Exp's
+compressed blocks): key s covers tokens s·c … s·c + c − 1 and is visible once its last token is, so query t sees the
+first (t + q_offset + 1) // c keys.
+
 The arithmetic follows transformers' `GlmMoeDsaIndexer.forward` op for op (upcast, matmul, scale, ReLU, weighted
 head sum as a matmul), so on the same inputs the reference selects exactly what the stock indexer selects.
 """
@@ -20,11 +24,17 @@ _CHUNK_ELEMENTS = 1 << 26
 
 
 def visible_keys(
-    batch: int, seq_len: int, num_keys: int, q_offset: int, key_mask: torch.Tensor | None, device: torch.device
+    batch: int,
+    seq_len: int,
+    num_keys: int,
+    q_offset: int,
+    key_mask: torch.Tensor | None,
+    device: torch.device,
+    key_stride: int = 1,
 ) -> torch.Tensor:
     """bool [B, S, T]: which keys each query may select (causal, and not padding). Small sizes only (tests)."""
-    t = torch.arange(seq_len, device=device)[:, None] + q_offset
-    visible = (torch.arange(num_keys, device=device)[None, :] <= t).expand(batch, seq_len, num_keys)
+    reach = (torch.arange(seq_len, device=device)[:, None] + q_offset + 1) // key_stride
+    visible = (torch.arange(num_keys, device=device)[None, :] < reach).expand(batch, seq_len, num_keys)
     if key_mask is not None:
         visible = visible & key_mask[:, None, :].bool()
     return visible
@@ -37,6 +47,7 @@ def index_scores_reference(
     softmax_scale: float,
     key_mask: torch.Tensor | None = None,
     q_offset: int | None = None,
+    key_stride: int = 1,
 ) -> torch.Tensor:
     """fp32 [B, S, T] index scores, -inf where a key is not visible.
 
@@ -47,7 +58,7 @@ def index_scores_reference(
     scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * softmax_scale  # [B, S, H, T]
     scores = torch.relu(scores)
     index_scores = torch.matmul(weights.float().unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
-    visible = visible_keys(batch, seq_len, num_keys, q_offset, key_mask, q.device)
+    visible = visible_keys(batch, seq_len, num_keys, q_offset, key_mask, q.device, key_stride)
     return index_scores.masked_fill(~visible, float("-inf"))
 
 
@@ -59,11 +70,13 @@ def lightning_indexer_topk_reference(
     softmax_scale: float,
     key_mask: torch.Tensor | None = None,
     q_offset: int | None = None,
+    key_stride: int = 1,
 ) -> torch.Tensor:
     """int32 [B, S, topk] key indices (unordered within a row; -1 = no key), scored in query chunks.
 
     q: [B, S, H, D], k: [B, T, D], weights: [B, S, H] fp32 (the stock code's weights_proj(h) · H^-0.5),
-    key_mask: bool [B, T] or None, q_offset: position of query 0 among the keys (default T - S).
+    key_mask: bool [B, T] or None, q_offset: position of query 0 among the keys (default T - S), key_stride: tokens
+    per key (pools, see above).
     """
     batch, seq_len, n_heads, _ = q.shape
     num_keys = k.shape[1]
@@ -74,7 +87,7 @@ def lightning_indexer_topk_reference(
     for start in range(0, seq_len, chunk):
         stop = min(seq_len, start + chunk)
         scores = index_scores_reference(
-            q[:, start:stop], k, weights[:, start:stop], softmax_scale, key_mask, q_offset + start
+            q[:, start:stop], k, weights[:, start:stop], softmax_scale, key_mask, q_offset + start, key_stride
         )
         values, indices = scores.topk(take, dim=-1)
         out[:, start:stop, :take] = torch.where(values > float("-inf"), indices, -1).to(torch.int32)

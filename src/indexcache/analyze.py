@@ -30,7 +30,7 @@ from .kernels.indexer import index_scores_reference
 from .models import DsaArchitecture, LoadedModel
 from .models.loading import load_weights, open_checkpoint
 from .patterns import file as pattern_file
-from .runtime.backends import indexer_inputs, kernels_installed
+from .runtime.backends import kernels_installed, scoring_inputs
 from .runtime.forward import LayerwiseModel
 from .runtime.patch import IndexerFn
 from .steps import calibration_windows
@@ -45,24 +45,27 @@ def overlap_counts(a_sorted: torch.Tensor, b_sorted: torch.Tensor) -> torch.Tens
     """|A ∩ B| per row, fp64 [...]; both int [..., k], each row sorted and free of duplicates. O(rows · k log k)."""
     b_on_a = b_sorted.to(a_sorted.device)
     at = torch.searchsorted(a_sorted, b_on_a).clamp_(max=a_sorted.shape[-1] - 1)
-    return (a_sorted.gather(-1, at) == b_on_a).sum(-1, dtype=torch.float64)
+    return ((a_sorted.gather(-1, at) == b_on_a) & (b_on_a >= 0)).sum(-1, dtype=torch.float64)  # -1: no key
 
 
 def entropy_sums(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, softmax_scale: float, first: int
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, softmax_scale: float, first: int, key_stride: int = 1
 ) -> tuple[float, float]:
     """Summed softmax entropy (nats) of the index scores, and of it over log(visible keys), for queries ≥ `first`.
 
-    q: [B, S, H, D], k: [B, S, D], weights: [B, S, H]; causal prefill. Scored `chunk` queries at a time.
+    q: [B, S, H, D], k: [B, S // key_stride, D] (pools of key_stride tokens, see the indexer reference),
+    weights: [B, S, H]; causal prefill. Scored `chunk` queries at a time.
     """
     batch, seq_len, n_heads, _ = q.shape
-    chunk = max(1, _ENTROPY_CHUNK_ELEMENTS // max(1, batch * n_heads * seq_len))
+    chunk = max(1, _ENTROPY_CHUNK_ELEMENTS // max(1, batch * n_heads * k.shape[1]))
     nats = normalised = 0.0
     for start in range(first, seq_len, chunk):
         stop = min(seq_len, start + chunk)
-        scores = index_scores_reference(q[:, start:stop], k, weights[:, start:stop], softmax_scale, q_offset=start)
+        scores = index_scores_reference(
+            q[:, start:stop], k, weights[:, start:stop], softmax_scale, q_offset=start, key_stride=key_stride
+        )
         entropy = torch.special.entr(scores.softmax(-1)).sum(-1, dtype=torch.float64)  # [B, chunk]
-        visible = torch.arange(start + 1, stop + 1, device=entropy.device, dtype=torch.float64)
+        visible = torch.arange(start + 1, stop + 1, device=entropy.device, dtype=torch.float64) // key_stride
         nats += float(entropy.sum())
         normalised += float((entropy / visible.log()).sum())
     return nats, normalised
@@ -93,10 +96,10 @@ class SelectionRecorder:
             shared = float(overlap_counts(earlier, selected).sum())
             self.shared_keys[other, layer] += shared
             self.shared_keys[layer, other] += shared
-        self.shared_keys[layer, layer] += selected.shape[0] * selected.shape[1] * k
+        self.shared_keys[layer, layer] += float((selected >= 0).sum())  # pooled rows end in -1 after their tail
         self._batch[layer] = selected
-        q, keys, weights, scale = indexer_inputs(self.arch, indexer, *args, **kwargs)
-        nats, normalised = entropy_sums(q, keys, weights, scale, k)
+        q, keys, weights, scale, stride = scoring_inputs(self.arch, indexer, *args, **kwargs)
+        nats, normalised = entropy_sums(q, keys, weights, scale, k, stride)
         self.entropy[layer] += nats
         self.entropy_normalised[layer] += normalised
         return indices
@@ -139,7 +142,7 @@ def matrix_sha256(overlap: list[list[float | None]]) -> str:
 @torch.no_grad()
 def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kernels: str) -> tuple[Analysis, str]:
     """Run every indexer layer F over `windows` ([W, S], S > k), batch by batch; returns the analysis and backend."""
-    n, topk = loaded.num_layers, loaded.text_config.index_topk
+    n, topk = loaded.num_layers, loaded.arch.keys_kept(loaded.text_config)
     if not loaded.arch.indexer_kernel:
         raise IndexCacheError(f"analyze: {loaded.arch.family}'s indexer does not select top-k keys; not supported")
     seq_len = windows.input_ids.shape[1]
@@ -167,7 +170,8 @@ def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kern
         raise IndexCacheError(f"the all-F calibration loss is {loss}: the model or the --dtype gives non-finite logits")
     have = set(loaded.indexer_layers)
     positions = recorder.positions
-    shared = (recorder.shared_keys / (positions * topk)).tolist()
+    # Column j over layer j's own selected keys (positions × k, fewer in a pooled indexer's short tails).
+    shared = (recorder.shared_keys / recorder.shared_keys.diagonal().clamp(min=1)[None, :]).tolist()
     overlap = [[shared[i][j] if i in have and j in have else None for j in range(n)] for i in range(n)]
     mean = lambda sums: [float(sums[i]) / positions if i in have else None for i in range(n)]
     analysis = Analysis(

@@ -89,8 +89,9 @@ def apply_pattern(
 
     _check_indexer_weights(data["index_topk_pattern"], model_dir, arch, text_config["num_hidden_layers"])
     config = config_with_pattern(config, data["index_topk_pattern"])
-    if arch.pattern_note():
-        log(arch.pattern_note())
+    note = arch.pattern_note(data["index_topk_pattern"], data["model"]["indexer_layers"])
+    if note:
+        log(note)
 
     # Listed before staging exists, so an output inside the model folder does not link staging to itself.
     items = [item for item in sorted(model_dir.iterdir()) if item.name not in _WRITTEN]

@@ -32,23 +32,39 @@ _VOCAB = 1024  # embeddings are not timed; a small table keeps random-weight bui
 class LayerStack:
     model: nn.Module
     arch: DsaArchitecture
-    num_layers: int  # layers of the real model (N); the stack holds K of them
+    num_layers: int  # indexer layers of the real model (N, `timed_layers`); the stack holds K of them
+
+
+def timed_layers(config) -> list[int]:
+    """The layers of `config`'s model whose cost a pattern changes: the indexer layers. Where only some layers
+    have one (the hybrids' linear-attention layers, dots3_note's sliding-window ones) the others cost the same under
+    every pattern; the stack then holds indexer layers only and the rows count those."""
+    return architecture_for(getattr(config, "model_type", None)).dsa_layer_ids(config.get_text_config())
 
 
 def stack_config(config, num_layers: int, dense_mlp: bool = True):
-    """The checkpoint's config cut to `num_layers` layers, every layer with its indexer, dense MLPs by default."""
+    """The checkpoint's config cut to `num_layers` layers, every layer with its indexer, dense MLPs by default.
+
+    A vision-language config keeps its vision tower (never timed) and its text config is cut."""
+    arch = architecture_for(getattr(config, "model_type", None))
     config = copy.deepcopy(config)
-    config.num_hidden_layers = num_layers
-    config.vocab_size = _VOCAB
-    config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0), 2**18)
+    text = config.get_text_config()
+    if arch.dsa_layers is not None:
+        attribute, value = arch.dsa_layers
+        setattr(text, attribute, [value] * num_layers)
+    text.num_hidden_layers = num_layers
+    text.vocab_size = _VOCAB
+    if (getattr(text, "pad_token_id", None) or 0) >= _VOCAB:  # glm5_next pads with id 154820
+        text.pad_token_id = None
+    text.max_position_embeddings = max(getattr(text, "max_position_embeddings", 0), 2**18)
     if dense_mlp:
-        config.first_k_dense_replace = num_layers
-        config.mlp_layer_types = ["dense"] * num_layers
+        text.first_k_dense_replace = num_layers
+        text.mlp_layer_types = ["dense"] * num_layers
     for attr in ("index_topk_pattern", "index_topk_freq"):
-        if hasattr(config, attr):
-            setattr(config, attr, None)
-    if hasattr(config, "indexer_types"):
-        config.indexer_types = ["full"] * num_layers
+        if hasattr(text, attr):
+            setattr(text, attr, None)
+    if hasattr(text, "indexer_types"):
+        text.indexer_types = ["full"] * num_layers
     return config
 
 
@@ -56,20 +72,21 @@ def build_stack(
     config, num_layers: int, device: torch.device, dtype: torch.dtype, weights_from: str | None = None
 ) -> LayerStack:
     """K layers of `config`'s model: random weights (dense MLPs), or the checkpoint's first K layers."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     arch = architecture_for(getattr(config, "model_type", None))
-    full_layers_count = config.num_hidden_layers
+    auto_class = getattr(transformers, arch.auto_class)
+    full_layers_count = len(timed_layers(config))
     if weights_from is None:
         small = stack_config(config, num_layers)
         small._attn_implementation = "eager"
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(small, dtype=dtype)
+            model = auto_class.from_config(small, dtype=dtype)
     else:
         small = stack_config(config, num_layers, dense_mlp=False)
-        small.vocab_size = config.vocab_size
-        model = AutoModelForCausalLM.from_pretrained(
+        small.get_text_config().vocab_size = config.get_text_config().vocab_size
+        model = auto_class.from_pretrained(
             weights_from, config=small, dtype=dtype, device_map=str(device), attn_implementation="eager"
         )
     return LayerStack(model.to(device).eval(), arch, full_layers_count)

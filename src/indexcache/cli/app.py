@@ -275,9 +275,10 @@ def analyze(
 
     data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
     result = run_analysis(output, model, data, batch_size, kernels, dtype, device, device_map, tokenizer)
-    adjacent = [result["overlap"][i][i + 1] for i in range(len(result["overlap"]) - 1)]
+    indexed = [i for i, row in enumerate(result["overlap"]) if row[i] is not None]  # layers with an indexer
+    adjacent = [result["overlap"][i][j] for i, j in zip(indexed, indexed[1:], strict=False)]
     shown = ", ".join("–" if v is None else f"{v:.0%}" for v in adjacent)
-    out.print(f"adjacent-layer top-k overlap: {shown}", highlight=False, soft_wrap=True)
+    out.print(f"adjacent indexer layers' top-k overlap: {shown}", highlight=False, soft_wrap=True)
     out.print(f"wrote {output / ANALYSIS_JSON} and {output / OVERLAP_PNG}", highlight=False)
 
 

@@ -56,7 +56,7 @@ def run_bench(
     """Checks every option before anything is built; returns the rows (also written to `json_path`)."""
     from transformers import AutoConfig
 
-    from ..bench.prefill import bench, build_stack, named_patterns
+    from ..bench.prefill import bench, build_stack, named_patterns, timed_layers
     from ..models.loading import embedded_model_path, resolve_dtype
     from ..patterns import file as pattern_file
 
@@ -77,12 +77,22 @@ def run_bench(
         config = AutoConfig.from_pretrained(name)
     except Exception as exc:
         raise IndexCacheError(f"could not read the model config of {name}: {str(exc).splitlines()[0]}") from exc
-    num_layers = config.num_hidden_layers
     if data is not None:
+        num_layers = config.get_text_config().num_hidden_layers
         pattern_file.check_matches(data, getattr(config, "model_type", None), num_layers, name)
     if not 0.0 < ratio <= 1.0:
         raise IndexCacheError(f"--ratio {ratio} is outside (0, 1]")
-    patterns = named_patterns(num_layers, data["index_topk_pattern"] if data else None, ratio)
+    timed = timed_layers(config)  # the pattern's letters on the indexer layers: the other layers are never timed
+    num_layers = len(timed)
+    untimed = config.get_text_config().num_hidden_layers - num_layers
+    if untimed:
+        out.print(
+            f"note: the {untimed} layers without an indexer cost the same under every pattern and are not timed; "
+            f"rows count the {num_layers} indexer layers",
+            highlight=False,
+        )
+    pattern = "".join(data["index_topk_pattern"][i] for i in timed) if data else None
+    patterns = named_patterns(num_layers, pattern, ratio)
     dev = _device(device)
     torch_dtype = resolve_dtype(dtype, dev.type)
 

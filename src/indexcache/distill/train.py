@@ -26,7 +26,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from .. import defaults
 from ..calib import DataSpec, Windows, make_windows
 from ..errors import IndexCacheError
-from ..models import DsaArchitecture, LoadedModel, load_model
+from ..models import DsaArchitecture, LoadedModel, architecture_for, load_model
 from ..models.loading import embedded_model_path
 from ..patterns import file as pattern_file
 from ..patterns.layout import FULL, full_layers
@@ -224,6 +224,12 @@ def distill(
     if resume and not state_path(output).exists():
         raise IndexCacheError(f"--resume found no saved distillation at {state_path(output)}; run without --resume")
     data_file = pattern_file.read(pattern_path)
+    arch = architecture_for(data_file["model"].get("model_type"))
+    if arch.selection != "tokens":  # the KL over selected keys assumes an indexer that scores each key
+        raise IndexCacheError(
+            f"distill: {arch.family}'s indexer scores pools of tokens ({arch.selection}), which distillation does "
+            "not train yet; search, eval and apply support it"
+        )
     recorded = data_file["model"].get("name")
     if model is None and recorded is None:
         raise IndexCacheError(f"pattern file {pattern_path} names no model; pass --model")

@@ -50,7 +50,8 @@ class Checkpoint:
 
     @property
     def index_topk(self) -> int | None:
-        return getattr(self.config.get_text_config(), "index_topk", None)
+        """The most tokens one query's selection holds (`DsaArchitecture.keys_kept`)."""
+        return self.arch.keys_kept(self.config.get_text_config())
 
     @property
     def dsa_layers(self) -> list[int]:

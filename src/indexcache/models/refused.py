@@ -14,17 +14,9 @@ _REFUSALS = {
         "the vision-language checkpoint was not tried here (no tiny test model); text checkpoints "
         "(dots3_note_text) are supported"
     ),
-    ("qwen4_exp", "Qwen4-Exp"): (
-        "its QSA indexer exists only on indexed_attention layers (layer 0 is linear attention) and returns a "
-        "token mask, not top-k indices; indexcache patterns need an indexer on layer 0"
-    ),
     ("step3p7", "Step-3.7"): (
         "transformers' step3p7 code builds no indexer module (the config's sparse-attention keys are not "
         "implemented there), so there is nothing to share"
-    ),
-    ("glm5_next", "GLM-5.3-Flash"): (
-        "upstream transformers passes top-k only to an S layer right after an F layer (linear-attention layers pass "
-        "none), so an S layer after a linear-attention layer or a second S in a row raises"
     ),
 }
 

@@ -55,6 +55,26 @@ class DsaArchitecture:
             other selections; the reference path runs, also on CUDA).
         checkpoint_indexer_key: the indexer's weight prefix in a checkpoint whose tensor names differ from the
             module path (transformers renames them on load), as a format string of `layer`; None when they agree.
+        rotary: the base model has a `rotary_emb` whose table layers take (False: NoPE, glm5_next; layers get None).
+        rotary_position_axes: n when the rotary embedding takes [n, B, S] position ids (qwen4_exp's mRoPE; a text
+            window gives every axis the same positions); None for [1, S].
+        layer_mask: the mask layers take: "causal" (the model's causal mask) or "token_valid" (a bool [B, S] of
+            real tokens, all True for unpadded windows: glm5_next, whose indexer and attention apply causality).
+        token_ids_input: layers also take the window's token ids under this name (qwen4_exp's per-layer
+            embeddings: `ple_input_ids`).
+        flat_streams: the hyper-connection streams lie side by side, [B, S, n·H] (qwen4_exp), not [B, S, n, H].
+        final_norm: base-model submodule applied after `streams_head` (None: the head is the last step, qwen4_exp).
+        selection: what an F layer's indexer selects: "tokens" (top-k keys), "kpool" (glm5_next: top pools of
+            `index_kpool` tokens plus the query's incomplete pool) or "qsa_blocks" (qwen4_exp: top compressed blocks
+            plus the tail, returned by the indexer as a [B, 1, S, T] mask). See `runtime/pooled.py`.
+        topk_attr / pool_attr: text-config attributes of the tokens a query keeps from whole pools (or keys) and
+            of the pool size; a query keeps at most topk + pool − 1 tokens (`keys_kept`).
+        stock_reuses_previous_layer_only: stock transformers hands a shared layer only the top-k of the decoder
+            layer right before it (glm5_next), so it cannot load an S indexer layer after any other layer.
+        reader_note: the line `apply` prints when no reader honours the pattern, where the default one (serving
+            engines read it) is not true.
+        kernel_attention: attention implementation set under `--kernels triton` where our sparse kernel cannot
+            replace the family's attention and its eager one would form per-head S×T scores ("sdpa").
         refusal: why indexcache cannot serve this model type (one line), or None.
     """
 
@@ -80,6 +100,18 @@ class DsaArchitecture:
     dsa_layers: tuple[str, str] | None = None
     indexer_kernel: bool = True
     checkpoint_indexer_key: str | None = None
+    rotary: bool = True
+    rotary_position_axes: int | None = None
+    layer_mask: str = "causal"
+    token_ids_input: str | None = None
+    flat_streams: bool = False
+    final_norm: str | None = "norm"
+    selection: str = "tokens"
+    topk_attr: str = "index_topk"
+    pool_attr: str | None = None
+    stock_reuses_previous_layer_only: bool = False
+    reader_note: str | None = None
+    kernel_attention: str | None = None
     refusal: str | None = None
 
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -92,8 +124,17 @@ class DsaArchitecture:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return getattr(self.base_model(model), self.layers_path[-1])
 
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return getattr(layer, self.attention_attr)
+    def attention(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's attention (None on a linear-attention layer that has none: qwen4_exp)."""
+        return getattr(layer, self.attention_attr, None)
+
+    def keys_kept(self, text_config) -> int | None:
+        """The most tokens one query's selection holds (`index_topk`; + pool − 1 for pooled indexers): windows
+        must be longer for the selection to matter, and a query chooses once it sees more tokens than this."""
+        topk = getattr(text_config, self.topk_attr, None)
+        if topk is None or self.pool_attr is None:
+            return topk
+        return topk + getattr(text_config, self.pool_attr) - 1
 
     def dsa_layer_ids(self, text_config) -> list[int]:
         """The indexer layers: those built with an indexer in this architecture (read from the text config, so
@@ -118,11 +159,20 @@ class DsaArchitecture:
         native = () if self.checkpoint_indexer_key is None else (self.checkpoint_indexer_key.format(layer=layer_idx),)
         return (self.indexer_weight_prefix(layer_idx), *native)
 
-    def pattern_note(self) -> str | None:
-        """One line for `apply` when stock transformers does not honour a pattern for this family."""
+    def pattern_note(self, pattern: str, indexer_layers: list[int]) -> str | None:
+        """One line for `apply` when stock transformers does not honour `pattern` for this family."""
+        if self.stock_reuses_previous_layer_only:
+            stranded = [i for i in indexer_layers if pattern[i] == "S" and (i == 0 or pattern[i - 1] != "F")]
+            if stranded:
+                return (
+                    f"note: stock transformers' {self.model_type} code cannot run this pattern: it hands a shared "
+                    f"layer only the previous decoder layer's top-k, and layers {stranded} follow a layer that "
+                    "passes none; indexcache's patch evaluates it"
+                )
+            return None
         if self.honours_pattern:
             return None
-        return (
+        return self.reader_note or (
             f"note: stock transformers' {self.model_type} code runs every indexer and ignores the pattern; "
             "serving engines that read index_topk_pattern apply it (indexcache evaluates it with its own patch)"
         )

@@ -13,7 +13,8 @@ from .. import defaults
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture
 from .absorbed import absorbed_attention
-from .patch import IndexerFn, SharingState, index_sharing, reference_indexer
+from .patch import IndexerFn, SharingState, index_sharing, reference_indexer, reference_selection
+from .pooled import kpool_kernel, kpool_projections, qsa_kernel, qsa_projections
 
 CHOICES = ("auto", "triton", "reference")
 
@@ -28,24 +29,27 @@ def select_backend(
     measured faster, and the stock path with the model's own attention (the reference) elsewhere — and for
     families whose indexer the kernel does not compute (`arch.indexer_kernel` False). Families whose attention we
     leave alone (`arch.sparse_attention_kernel` False, e.g. hy_v4's sinks, which its sdpa path lacks) keep it for
-    short windows too.
+    short windows too, and take `arch.kernel_attention` under the kernels. Pooled indexers (`arch.selection`) have
+    their own reference and kernel functions (`pooled.py`).
     """
     if choice not in CHOICES:
         raise IndexCacheError(f"--kernels {choice} is not one of {', '.join(CHOICES)}")
+    reference = reference_selection(arch)
     if choice == "reference" or (choice == "auto" and (device.type != "cuda" or not arch.indexer_kernel)):
-        return "reference", reference_indexer, None
+        return "reference", reference, None
     if not arch.indexer_kernel:
         raise IndexCacheError(f"--kernels triton: {arch.family}'s indexer has no kernel here; use --kernels reference")
     if choice == "auto" and seq_len is not None and seq_len < defaults.TRITON_MIN_SEQ_LEN:
         if not arch.sparse_attention_kernel:
-            return "reference", reference_indexer, None
+            return "reference", reference, None
         return "sdpa", reference_indexer, "sdpa"
     if device.type != "cuda":
         raise IndexCacheError("--kernels triton needs a CUDA GPU; use --kernels reference on CPU")
     from ..kernels import wiring
 
-    attn = wiring.register_sparse_attention() if arch.sparse_attention_kernel else None
-    return "triton", kernel_indexer(arch), attn
+    attn = wiring.register_sparse_attention() if arch.sparse_attention_kernel else arch.kernel_attention
+    kernels = {"tokens": kernel_indexer(arch), "kpool": kpool_kernel, "qsa_blocks": qsa_kernel}
+    return "triton", kernels[arch.selection], attn
 
 
 def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
@@ -64,6 +68,16 @@ def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
         scale_in_weights=arch.indexer_scale_in_weights,
         position_ids=call.get("position_ids"),
     )
+
+
+def scoring_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
+    """(q, keys, weights, score scale, tokens per key) of one indexer call: `indexer_inputs` with one token per key,
+    or a pooled indexer's pool keys (`pooled.py`)."""
+    if arch.selection == "kpool":
+        return kpool_projections(indexer, *args, **kwargs)
+    if arch.selection == "qsa_blocks":
+        return qsa_projections(indexer, *args, **kwargs)
+    return (*indexer_inputs(arch, indexer, *args, **kwargs), 1)
 
 
 def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:

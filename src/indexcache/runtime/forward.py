@@ -8,7 +8,7 @@ state shared across layers, logit soft-capping) comes from the adapter's data, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,17 +28,21 @@ class LayerInputs:
     """What every decoder layer of one batch receives besides the hidden states.
 
     Attributes:
-        position_embeddings: (cos, sin), each [B, S, rope_dim]; by layer type where layers differ.
+        position_embeddings: (cos, sin), each [B, S, rope_dim]; by layer type where layers differ; None without
+            positional encoding (glm5_next).
         position_ids: [1, S].
-        attention_mask: the model's causal mask ([B, 1, S, S] on the eager/sdpa paths); by layer type where
-            layers differ (dots3_note's sliding-window layers).
+        attention_mask: the model's causal mask ([B, 1, S, S] on the eager/sdpa paths), or the bool [B, S] token
+            mask of `layer_mask="token_valid"`; by layer type where layers differ (dots3_note's sliding-window
+            layers).
         layer_types: each layer's key into the two dicts above, or None when every layer takes the same.
+        extra: further keyword inputs of every layer (qwen4_exp's `ple_input_ids`: the token ids [B, S]).
     """
 
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | dict[str, torch.Tensor] | None
     layer_types: list[str] | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def for_layer(self, layer_idx: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """(position_embeddings, attention_mask) for one layer."""
@@ -84,19 +88,34 @@ class LayerwiseModel:
         return self.base.embed_tokens.weight.device
 
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerInputs]:
-        """input_ids: [B, S] → hidden [B, S, D] ([B, S, n, D] with n hyper-connection streams) and the per-batch
-        layer inputs."""
+        """input_ids: [B, S] → hidden [B, S, D] ([B, S, n, D] with n hyper-connection streams, [B, S, n·D] where
+        they lie flat) and the per-batch layer inputs."""
         input_ids = input_ids.to(self.input_device)
         hidden = self.base.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=hidden.device).unsqueeze(0)
         if self.arch.inputs_by_layer_type:
             inputs = self._inputs_by_layer_type(hidden, position_ids)
         else:
-            mask = self._mask(create_causal_mask, hidden, position_ids)
-            inputs = LayerInputs(self.base.rotary_emb(hidden, position_ids=position_ids), position_ids, mask)
+            mask = self._layer_mask(hidden, position_ids)
+            inputs = LayerInputs(self._rotary(hidden, position_ids), position_ids, mask)
+        if self.arch.token_ids_input:
+            inputs.extra[self.arch.token_ids_input] = input_ids
         if self.streams:
-            hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1).contiguous()
+            hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1)
+            hidden = (hidden.flatten(2) if self.arch.flat_streams else hidden).contiguous()
         return hidden, inputs
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.arch.rotary:
+            return None
+        axes = self.arch.rotary_position_axes
+        positions = position_ids if axes is None else position_ids[None].expand(axes, hidden.shape[0], -1)
+        return self.base.rotary_emb(hidden, position_ids=positions)
+
+    def _layer_mask(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        if self.arch.layer_mask == "token_valid":  # unpadded windows: every token is real
+            return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return self._mask(create_causal_mask, hidden, position_ids)
 
     def _mask(self, mask_fn, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
         return mask_fn(
@@ -128,7 +147,7 @@ class LayerwiseModel:
 
         layer_state: the cross-layer state entering `start` (filled in place); None starts a fresh one, which only
             layer 0 may do."""
-        extra = {}
+        extra = dict(inputs.extra)
         if self.arch.shared_state:
             if layer_state is None and start > 0:
                 raise ValueError(f"layer {start} needs the {self.arch.shared_state} that earlier layers left")
@@ -157,7 +176,8 @@ class LayerwiseModel:
         """
         if self.arch.streams_head:
             hidden = getattr(self.base, self.arch.streams_head)(hidden)
-        hidden = self.base.norm(hidden)
+        if self.arch.final_norm:
+            hidden = getattr(self.base, self.arch.final_norm)(hidden)
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model, self.arch.logit_softcap) if self.arch.logit_softcap else None
         hidden = hidden.to(head.weight.device)

@@ -19,8 +19,9 @@ from torch import nn
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture
 from ..patterns.layout import FULL, first_indexer_layer, validate
+from .pooled import qsa_reference, selection_mask
 
-# (indexer module, *the arguments the attention passed to it) -> int32 [B, S, k]. Families call their indexer
+# (indexer module, *the arguments the attention passed to it) -> int32 [B, S, k] selections. Families call their indexer
 # with different arguments (glm_moe_dsa: hidden_states, q_resid, ...; mistral_large4: hidden_states,
 # position_embeddings, ...); the switch passes them through untouched.
 IndexerFn = Callable[..., torch.Tensor]
@@ -57,12 +58,20 @@ class SharingState:
 class _IndexerSwitch(nn.Module):
     """Stands in for one layer's indexer: runs it on F layers, returns the shared buffer on S layers."""
 
-    def __init__(self, layer_idx: int, indexer: nn.Module | None, state: SharingState, compute: IndexerFn):
+    def __init__(
+        self,
+        layer_idx: int,
+        indexer: nn.Module | None,
+        state: SharingState,
+        compute: IndexerFn,
+        output: Callable[[torch.Tensor], torch.Tensor],
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.inner = indexer
         self.state = state
         self.compute = compute
+        self.output = output  # what the attention expects from its indexer, made from the shared selection
 
     def __getattr__(self, name: str):
         """The attention may call the indexer's helpers besides its forward (minimax_m3_vl: `build_block_mask`)."""
@@ -79,16 +88,26 @@ class _IndexerSwitch(nn.Module):
         if state.pattern[self.layer_idx] == FULL:
             state.indexer_calls[self.layer_idx] += 1
             state.buffer = self.compute(self.inner, hidden_states, *args, **kwargs)
-            return state.buffer
+            return self.output(state.buffer)
         if state.buffer is None:
             raise IndexCacheError(f"layer {self.layer_idx} is S but no earlier F layer ran in this forward")
         # Under accelerate's device_map the previous F layer may sit on another GPU.
-        return state.buffer.to(hidden_states.device, non_blocking=True)
+        return self.output(state.buffer.to(hidden_states.device, non_blocking=True))
+
+
+def _unchanged(selection: torch.Tensor) -> torch.Tensor:
+    return selection
 
 
 def reference_indexer(indexer, *args, **kwargs):
     """The stock transformers indexer: the definition of what an F layer selects."""
     return indexer(*args, **kwargs)
+
+
+def reference_selection(arch: DsaArchitecture) -> IndexerFn:
+    """How an F layer selects on the reference path: the stock indexer, or where that returns a mask instead of
+    selections (qwen4_exp), the vectorised reference of exactly its selection."""
+    return qsa_reference if arch.selection == "qsa_blocks" else reference_indexer
 
 
 def indexer_layers(model: nn.Module, arch: DsaArchitecture) -> list[int]:
@@ -101,7 +120,7 @@ def index_sharing(
     model: nn.Module,
     arch: DsaArchitecture,
     pattern: str | None = None,
-    indexer_fn: IndexerFn = reference_indexer,
+    indexer_fn: IndexerFn | None = None,
     attn_implementation: str | None = None,
 ) -> Iterator[SharingState]:
     """Patch `model` in place so every DSA layer follows `state.pattern`; restore it on exit.
@@ -109,7 +128,7 @@ def index_sharing(
     Args:
         model: a loaded DSA CausalLM (`arch.model_type`).
         pattern: initial F/S string; defaults to F on every layer that has an indexer.
-        indexer_fn: how an F layer computes its top-k (the stock indexer, or a fused kernel).
+        indexer_fn: how an F layer computes its top-k (a fused kernel; default `reference_selection(arch)`).
         attn_implementation: an attention registered in transformers' `AttentionInterface` to use inside the
             context (the sparse kernel consumes the indices directly), or None to keep the model's own.
     Yields:
@@ -127,6 +146,8 @@ def index_sharing(
     if pattern is None:
         pattern = "".join(FULL if i in available else "S" for i in range(len(layers)))
     state = SharingState(validate(pattern, len(layers), dsa_layers), available)
+    # The buffer always holds selections; qwen4_exp's attention takes its indexer's [B, 1, S, T] mask of them.
+    output = selection_mask if arch.selection == "qsa_blocks" else _unchanged
 
     originals = []
     for i, layer in enumerate(layers):
@@ -139,7 +160,9 @@ def index_sharing(
         if not was_module:
             # glm_moe_dsa stores `indexer = None` on layers built as shared; make room for a submodule.
             del attn.__dict__[arch.indexer_attr]
-        setattr(attn, arch.indexer_attr, _IndexerSwitch(i, inner, state, indexer_fn))
+        setattr(
+            attn, arch.indexer_attr, _IndexerSwitch(i, inner, state, indexer_fn or reference_selection(arch), output)
+        )
     previous_attn = model.config._attn_implementation
     try:
         if attn_implementation is not None:

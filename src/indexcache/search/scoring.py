@@ -242,7 +242,7 @@ def cache_bytes_per_layer(lw: LayerwiseModel, windows: torch.Tensor) -> int:
     """Bytes one kept layer costs the cache over all windows: its input hidden states [N, L, D] and, at worst
     (every layer F, as at the start), its own top-k index buffer [N, L, k] int32."""
     itemsize = lw.base.embed_tokens.weight.element_size()
-    topk = min(getattr(lw.base.config, "index_topk", 0) or 0, windows.shape[1])
+    topk = min(lw.arch.keys_kept(lw.base.config) or 0, windows.shape[1])
     # hidden values per token: × hyper-connection streams where the family has them
     return windows.numel() * (lw.hidden_values_per_token * itemsize + topk * torch.int32.itemsize)
 
