@@ -131,7 +131,6 @@ def test_prefix_cache_carries_cross_layer_state(family):
     "model_type,reason",
     [
         ("glm5_next", "S layer after a linear-attention layer or a second S in a row raises"),
-        ("deepseek_v4", "compressed-sparse-attention layers only"),
         ("dots3_note", "vision-language checkpoint was not tried"),
         ("qwen4_exp", "layer 0 is linear attention"),
         ("step3p7", "builds no indexer module"),

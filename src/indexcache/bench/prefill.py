@@ -32,12 +32,19 @@ _VOCAB = 1024  # embeddings are not timed; a small table keeps random-weight bui
 class LayerStack:
     model: nn.Module
     arch: DsaArchitecture
-    num_layers: int  # layers of the real model (N); the stack holds K of them
+    num_layers: int  # indexer layers of the real model (M; N for most families); the stack holds K of them
 
 
 def stack_config(config, num_layers: int, dense_mlp: bool = True):
-    """The checkpoint's config cut to `num_layers` layers, every layer with its indexer, dense MLPs by default."""
+    """The checkpoint's config cut to `num_layers` layers, every layer with its indexer, dense MLPs by default.
+
+    Where only some layer types have an indexer (`arch.dsa_layers`, e.g. deepseek_v4's CSA layers) every layer of
+    the stack is of that type: the pattern only changes those layers' cost."""
     config = copy.deepcopy(config)
+    arch = architecture_for(getattr(config, "model_type", None))
+    if arch.dsa_layers is not None:
+        attribute, value = arch.dsa_layers
+        setattr(config, attribute, [value] * num_layers)
     config.num_hidden_layers = num_layers
     config.vocab_size = _VOCAB
     config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0), 2**18)
@@ -59,7 +66,6 @@ def build_stack(
     from transformers import AutoModelForCausalLM
 
     arch = architecture_for(getattr(config, "model_type", None))
-    full_layers_count = config.num_hidden_layers
     if weights_from is None:
         small = stack_config(config, num_layers)
         small._attn_implementation = "eager"
@@ -72,7 +78,7 @@ def build_stack(
         model = AutoModelForCausalLM.from_pretrained(
             weights_from, config=small, dtype=dtype, device_map=str(device), attn_implementation="eager"
         )
-    return LayerStack(model.to(device).eval(), arch, full_layers_count)
+    return LayerStack(model.to(device).eval(), arch, len(arch.dsa_layer_ids(config)))
 
 
 class _Split:
@@ -85,7 +91,7 @@ class _Split:
         for layer in stack.arch.layers(stack.model):
             attn = stack.arch.attention(layer)
             self._hook(attn, "attention")
-            self._hook(getattr(attn, stack.arch.indexer_attr), "indexer")
+            self._hook(stack.arch.indexer(layer), "indexer")
 
     def _now(self):
         if self.cuda:
@@ -164,14 +170,20 @@ def time_forward(
     return rec
 
 
-def named_patterns(num_layers: int, pattern: str | None, ratio: float) -> list[tuple[str, str]]:
-    """(name, N-layer pattern): all-F, the given pattern (or the uniform one at `ratio`), the uniform interleave."""
+def named_patterns(
+    num_layers: int, pattern: str | None, ratio: float, indexer_layers: list[int] | None = None
+) -> list[tuple[str, str]]:
+    """(name, pattern over the M indexer layers, one letter each): all-F, the given N-layer pattern (or the
+    uniform one at `ratio`), the uniform interleave. `indexer_layers` None: every layer has an indexer (M = N)."""
+    indexer_layers = list(range(num_layers)) if indexer_layers is None else indexer_layers
+    m = len(indexer_layers)
     if pattern is not None:
-        validate(pattern, num_layers)
-        n_full = len(full_layers(pattern))
-        return [("all-F", "F" * num_layers), ("pattern", pattern), ("uniform", uniform(num_layers, n_full))]
-    n_full = num_full_for_ratio(ratio, num_layers)
-    return [("all-F", "F" * num_layers), ("uniform", uniform(num_layers, n_full))]
+        validate(pattern, num_layers, indexer_layers)
+        named = [("pattern", "".join(pattern[i] for i in indexer_layers))]
+    else:
+        named = []
+    n_full = len(full_layers(named[0][1])) if named else num_full_for_ratio(ratio, m)
+    return [("all-F", "F" * m), *named, ("uniform", uniform(m, n_full))]
 
 
 def bench(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import typer
@@ -275,7 +276,8 @@ def analyze(
 
     data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
     result = run_analysis(output, model, data, batch_size, kernels, dtype, device, device_map, tokenizer)
-    adjacent = [result["overlap"][i][i + 1] for i in range(len(result["overlap"]) - 1)]
+    layers = result["model"]["indexer_layers"]  # consecutive indexer layers (every layer in most families)
+    adjacent = [result["overlap"][a][b] for a, b in itertools.pairwise(layers)]
     shown = ", ".join("–" if v is None else f"{v:.0%}" for v in adjacent)
     out.print(f"adjacent-layer top-k overlap: {shown}", highlight=False, soft_wrap=True)
     out.print(f"wrote {output / ANALYSIS_JSON} and {output / OVERLAP_PNG}", highlight=False)

@@ -57,6 +57,7 @@ def run_bench(
     from transformers import AutoConfig
 
     from ..bench.prefill import bench, build_stack, named_patterns
+    from ..models import architecture_for
     from ..models.loading import embedded_model_path, resolve_dtype
     from ..patterns import file as pattern_file
 
@@ -82,7 +83,9 @@ def run_bench(
         pattern_file.check_matches(data, getattr(config, "model_type", None), num_layers, name)
     if not 0.0 < ratio <= 1.0:
         raise IndexCacheError(f"--ratio {ratio} is outside (0, 1]")
-    patterns = named_patterns(num_layers, data["index_topk_pattern"] if data else None, ratio)
+    arch = architecture_for(getattr(config, "model_type", None))
+    dsa_layers = arch.dsa_layer_ids(config.get_text_config())
+    patterns = named_patterns(num_layers, data["index_topk_pattern"] if data else None, ratio, dsa_layers)
     dev = _device(device)
     torch_dtype = resolve_dtype(dtype, dev.type)
 

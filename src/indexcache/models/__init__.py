@@ -1,6 +1,16 @@
 """Model adapters (one file per DSA family) and checkpoint loading."""
 
-from . import axk2, deepseek_v32, dots3_note, glm_moe_dsa, hy_v4, minimax_m3_vl, mistral_large4, refused  # noqa: F401
+from . import (  # noqa: F401
+    axk2,
+    deepseek_v4,
+    deepseek_v32,
+    dots3_note,
+    glm_moe_dsa,
+    hy_v4,
+    minimax_m3_vl,
+    mistral_large4,
+    refused,
+)
 from .loading import (
     Checkpoint,
     LoadedModel,

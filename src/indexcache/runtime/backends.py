@@ -19,9 +19,10 @@ CHOICES = ("auto", "triton", "reference")
 
 
 def select_backend(
-    arch: DsaArchitecture, device: torch.device, choice: str = "auto", seq_len: int | None = None
+    arch: DsaArchitecture, device: torch.device, choice: str = "auto", seq_len: int | None = None, ratio: int = 1
 ) -> tuple[str, IndexerFn, str | None]:
-    """Returns (name, indexer_fn, attn_implementation) for `index_sharing`.
+    """Returns (name, indexer_fn, attn_implementation) for `index_sharing`; `ratio`: tokens per selectable entry
+    (`DsaArchitecture.tokens_per_entry`).
 
     `auto` takes the Triton kernels on CUDA for windows of at least `defaults.TRITON_MIN_SEQ_LEN` tokens (or
     when `seq_len` is unknown), stock transformers with sdpa ("sdpa") for shorter windows on CUDA, where it was
@@ -45,7 +46,7 @@ def select_backend(
     from ..kernels import wiring
 
     attn = wiring.register_sparse_attention() if arch.sparse_attention_kernel else None
-    return "triton", kernel_indexer(arch), attn
+    return "triton", kernel_indexer(arch, ratio), attn
 
 
 def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
@@ -53,6 +54,8 @@ def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
     arguments the family's attention passed its indexer (bound to the indexer's own argument names)."""
     from ..kernels import wiring
 
+    if arch.indexer_scorer is not None:
+        return wiring.scorer_projections(indexer, arch.indexer_scorer, *args, **kwargs)
     call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments
     return wiring.indexer_projections(
         indexer,
@@ -66,13 +69,18 @@ def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
     )
 
 
-def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:
-    """An F layer's top-k through the indexer kernel, for `index_sharing`."""
+def kernel_indexer(arch: DsaArchitecture, ratio: int = 1) -> IndexerFn:
+    """An F layer's top-k through the indexer kernel, for `index_sharing` (`ratio` tokens per selectable entry)."""
     from ..kernels.indexer import lightning_indexer_topk
 
     @torch.no_grad()
     def triton_indexer(indexer, *args, **kwargs):
         q, k, weights, scale = indexer_inputs(arch, indexer, *args, **kwargs)
+        if ratio > 1:
+            # Compressed entries (deepseek_v4): the stock layout, int64 [B, S, min(top-k, T)] with -1 for entries a
+            # query cannot see yet, which the family's own compressor reads.
+            topk = min(indexer.index_topk, k.shape[1])
+            return lightning_indexer_topk(q, k, weights, topk, scale, ratio=ratio).long()
         indices = lightning_indexer_topk(q, k, weights, indexer.index_topk, scale)
         if arch.sparse_attention_kernel:
             return indices
@@ -100,7 +108,8 @@ def kernels_installed(
 
     `wrap_indexer` (e.g. `analyze`'s recorder) receives the chosen indexer function and returns the one F layers call.
     """
-    name, indexer_fn, attn = select_backend(arch, device, choice, seq_len)
+    ratio = arch.tokens_per_entry(arch.base_model(model).config)
+    name, indexer_fn, attn = select_backend(arch, device, choice, seq_len, ratio)
     if wrap_indexer is not None:
         indexer_fn = wrap_indexer(indexer_fn)
     with (

@@ -8,7 +8,7 @@ state shared across layers, logit soft-capping) comes from the adapter's data, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,12 +33,14 @@ class LayerInputs:
         attention_mask: the model's causal mask ([B, 1, S, S] on the eager/sdpa paths); by layer type where
             layers differ (dots3_note's sliding-window layers).
         layer_types: each layer's key into the two dicts above, or None when every layer takes the same.
+        extra: the batch inputs every layer takes by name (`arch.layer_inputs`, e.g. input_ids [B, S]).
     """
 
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | dict[str, torch.Tensor] | None
     layer_types: list[str] | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def for_layer(self, layer_idx: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """(position_embeddings, attention_mask) for one layer."""
@@ -92,11 +94,23 @@ class LayerwiseModel:
         if self.arch.inputs_by_layer_type:
             inputs = self._inputs_by_layer_type(hidden, position_ids)
         else:
-            mask = self._mask(create_causal_mask, hidden, position_ids)
-            inputs = LayerInputs(self.base.rotary_emb(hidden, position_ids=position_ids), position_ids, mask)
+            mask_fn = create_sliding_window_causal_mask if self.arch.sliding_mask else create_causal_mask
+            mask = self._mask(mask_fn, hidden, position_ids)
+            inputs = LayerInputs(self._rotary(hidden, position_ids), position_ids, mask)
+        batch_inputs = {"input_ids": input_ids}
+        inputs.extra = {name: batch_inputs[name] for name in self.arch.layer_inputs}
         if self.streams:
             hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1).contiguous()
         return hidden, inputs
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """One (cos, sin) table, or {label: (cos, sin)} for the adapter's `rotary_labels` (layers pick theirs)."""
+        if not self.arch.rotary_labels:
+            return self.base.rotary_emb(hidden, position_ids=position_ids)
+        return {
+            label: self.base.rotary_emb(hidden, position_ids=position_ids, layer_type=label)
+            for label in self.arch.rotary_labels
+        }
 
     def _mask(self, mask_fn, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
         return mask_fn(
@@ -142,6 +156,7 @@ class LayerwiseModel:
                 position_ids=inputs.position_ids,
                 cache=None,
                 use_cache=False,
+                **inputs.extra,
                 **extra,
             )
             # glm_moe_dsa layers also return their top-k; our patch passes indices through its own buffer.
