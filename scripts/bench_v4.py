@@ -105,22 +105,21 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)
-    result = {
-        "script": "scripts/bench_v4.py",
-        "device": card,
-        "date": datetime.date.today().isoformat(),
-        "versions": library_versions(),
-        "indexer": indexer_rows(flash_config(), device),
-        "bench": bench_rows("4096,8192"),
-    }
+    result = {"script": "scripts/bench_v4.py", "device": card, "date": datetime.date.today().isoformat()}
+    result["versions"] = library_versions()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench_v4_{card.replace(' ', '_')}_{result['date']}.json"
+    save = lambda: path.write_text(json.dumps(result, indent=2) + "\n")  # after every part: a cut run keeps some
+    result["indexer"] = indexer_rows(flash_config(), device)
+    save()
+    result["bench"] = bench_rows("4096,8192")
+    save()
     try:  # stock attention materialises [B, 64, S, S + S/4] scores: expected to run out of memory at 32K
         result["bench_32k"] = bench_rows("32768")
     except torch.cuda.OutOfMemoryError as exc:
         result["bench_32k"] = f"out of memory: {str(exc).splitlines()[0]}"
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench_v4_{card.replace(' ', '_')}_{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(f"{'context':>8} {'kernel ms':>10} {'F indexer ms':>13} {'stock ms':>9}")
     for row in result["indexer"]:
         stock = row.get("stock_indexer_ms")
