@@ -24,7 +24,7 @@ from indexcache.patterns.layout import full_layers, index_topk_freq  # noqa: E40
 from indexcache.runtime.backends import select_backend  # noqa: E402
 from indexcache.runtime.forward import LayerwiseModel  # noqa: E402
 from indexcache.runtime.patch import index_sharing  # noqa: E402
-from indexcache.search.scoring import CachedScorer, CachePlan, PatternScorer  # noqa: E402
+from indexcache.search.scoring import CachedScorer, CachePlan, PatternScorer, cache_bytes_per_layer  # noqa: E402
 
 from conftest import _tokenizer  # noqa: E402
 from tiny_families import V4_CSA_LAYERS, V4_SEQ, v4_model  # noqa: E402
@@ -93,6 +93,8 @@ def test_prefix_cache_equals_full_forwards(model, ids):
     """Restarting at a CSA layer from the cache (hyper-connection hidden states, the int64 entry buffer) gives the
     full forward's loss; also keeping every 2nd layer and in host memory."""
     lw = LayerwiseModel(model, ARCH)
+    # The cache plan counts 4 fp32 hyper-connection streams of 32 values and top-4 int64 entry ids per token.
+    assert cache_bytes_per_layer(lw, ids) == ids.numel() * (4 * 32 * 4 + 4 * 8)
     with torch.no_grad(), index_sharing(model, ARCH) as sharing:
         naive = PatternScorer(lw, sharing, ids, batch_size=1)
         expected = {layer: naive.loss(ALL_F[:layer] + "S" + ALL_F[layer + 1 :]) for layer in (4, 6, 7)}
@@ -234,3 +236,21 @@ def _minimal_pattern_file(checkpoint) -> dict:
         "num_layers": 8,
         "model": {"name": str(checkpoint), "model_type": "deepseek_v4", "dsa_layers": V4_CSA_LAYERS},
     }
+
+
+def test_flash_and_pro_layouts_count_csa_layers():
+    """V4-Flash's layout (2 sliding layers, CSA on the even layers 2-42) and transformers' default one (2 HCA
+    layers, then CSA/HCA interleaved, the first CSA layer 3): patterns, ratios and window defaults over CSA layers."""
+    from transformers import DeepseekV4Config
+
+    from indexcache.bench.prefill import named_patterns
+    from indexcache.calib import default_seq_len
+
+    flash = DeepseekV4Config(compress_ratios=[0, 0] + [4, 128] * 20 + [4])
+    default = DeepseekV4Config()
+    assert ARCH.dsa_layer_ids(flash) == list(range(2, 43, 2)) and ARCH.dsa_layer_ids(default)[:2] == [3, 5]
+    for config, csa in ((flash, 21), (default, 20)):
+        rows = dict(named_patterns(config.num_hidden_layers, None, 0.25, ARCH.dsa_layer_ids(config)))
+        assert rows["all-F"] == "F" * csa and rows["uniform"].count("F") == -(-csa // 4) and rows["uniform"][0] == "F"
+    assert default_seq_len(flash.index_topk, ARCH.tokens_per_entry(flash)) == 8192  # 4 × 512 entries × 4 tokens
+    assert default_seq_len(1024, 4) == 16384  # V4-Pro's top-1024
