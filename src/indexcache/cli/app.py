@@ -145,7 +145,7 @@ def search(
             _fail("interrupted; run the same command with --resume to continue after the last step", 130)
         raise
     out.print(
-        f"[bold]{result['index_topk_pattern']}[/]  {result['num_full']}/{result['num_layers']} F   "
+        f"[bold]{result['index_topk_pattern']}[/]  {result['num_full']}/{len(result['model']['dsa_layers'])} F   "
         f"loss {result['loss_final']:.5f} (all-F {result['loss_all_full']:.5f})   "
         f"{result['search']['layer_forwards']:,} layer-forwards in {result['search']['seconds']:.1f} s → {output}",
         highlight=False,

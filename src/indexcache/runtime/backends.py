@@ -76,12 +76,11 @@ def kernel_indexer(arch: DsaArchitecture, ratio: int = 1) -> IndexerFn:
     @torch.no_grad()
     def triton_indexer(indexer, *args, **kwargs):
         q, k, weights, scale = indexer_inputs(arch, indexer, *args, **kwargs)
+        indices = lightning_indexer_topk(q, k, weights, indexer.index_topk, scale, ratio=ratio)
         if ratio > 1:
             # Compressed entries (deepseek_v4): the stock layout, int64 [B, S, min(top-k, T)] with -1 for entries a
-            # query cannot see yet, which the family's own compressor reads.
-            topk = min(indexer.index_topk, k.shape[1])
-            return lightning_indexer_topk(q, k, weights, topk, scale, ratio=ratio).long()
-        indices = lightning_indexer_topk(q, k, weights, indexer.index_topk, scale)
+            # query cannot see yet, which the family's own compressor reads. Each row's picks come first.
+            return indices[..., : k.shape[1]].long()
         if arch.sparse_attention_kernel:
             return indices
         # The family's own attention scatters the indices into a mask, which cannot take the kernel's -1. Only a
