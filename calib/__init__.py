@@ -6,6 +6,7 @@ from .data import (
     check_window_length,
     default_seq_len,
     embedded_sample_path,
+    first_choosing_position,
     make_windows,
     windows_from_tensor,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "check_window_length",
     "default_seq_len",
     "embedded_sample_path",
+    "first_choosing_position",
     "make_windows",
     "windows_from_tensor",
 ]

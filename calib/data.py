@@ -48,23 +48,40 @@ class DataSpec:
         if self.windows not in defaults.WINDOW_KINDS:
             raise IndexCacheError(f"--windows {self.windows} is not one of {', '.join(defaults.WINDOW_KINDS)}")
 
-    def with_model_defaults(self, index_topk: int | None) -> DataSpec:
+    def with_model_defaults(self, index_topk: int | None, tokens_per_entry: int = 1) -> DataSpec:
         """This spec with `seq_len` filled in from the model when it was left to it (None)."""
-        return self if self.seq_len is not None else replace(self, seq_len=default_seq_len(index_topk))
+        if self.seq_len is not None:
+            return self
+        return replace(self, seq_len=default_seq_len(index_topk, tokens_per_entry))
 
 
-def default_seq_len(index_topk: int | None) -> int:
-    """max(quick default, 4 × index_topk): long enough that most scored positions choose among more keys than
-    they keep (8192 for GLM-5's top-2048), short enough for the tiny model's quick start (512)."""
-    return max(defaults.QUICK_SEQ_LEN, defaults.SEQ_LEN_PER_TOPK * (index_topk or 0))
+def default_seq_len(index_topk: int | None, tokens_per_entry: int = 1) -> int:
+    """max(quick default, 4 × index_topk entries): long enough that most scored positions choose among more keys
+    than they keep (8192 for GLM-5's top-2048 tokens and for DeepSeek-V4-Flash's top-512 entries of 4 tokens),
+    short enough for the tiny model's quick start (512)."""
+    return max(defaults.QUICK_SEQ_LEN, defaults.SEQ_LEN_PER_TOPK * (index_topk or 0) * tokens_per_entry)
 
 
-def check_window_length(seq_len: int, index_topk: int | None) -> None:
-    """Refuse windows in which the indexer keeps every key: every pattern would score the same."""
-    if index_topk is not None and seq_len <= index_topk:
+def first_choosing_position(index_topk: int, tokens_per_entry: int = 1) -> int:
+    """The first query position that sees more than `index_topk` keys, so that its top-k is a choice.
+
+    Position t sees t + 1 tokens, or (t + 1) // r entries of r tokens each (DeepSeek-V4's compressed entries)."""
+    return tokens_per_entry * (index_topk + 1) - 1
+
+
+def check_window_length(seq_len: int, index_topk: int | None, tokens_per_entry: int = 1) -> None:
+    """Refuse windows in which the indexer keeps every key (or entry): every pattern would score the same."""
+    if index_topk is not None and seq_len <= first_choosing_position(index_topk, tokens_per_entry):
+        if tokens_per_entry == 1:
+            why = f"windows of {seq_len} tokens are not longer than the model's index_topk ({index_topk}): every key"
+        else:
+            why = (
+                f"in windows of {seq_len} tokens no query sees more than the model's index_topk ({index_topk}) "
+                f"compressed entries (position t sees (t + 1) // {tokens_per_entry}): every entry"
+            )
         raise IndexCacheError(
-            f"windows of {seq_len} tokens are not longer than the model's index_topk ({index_topk}): every key "
-            f"is in the top-k, so all patterns score the same; use --seq-len {default_seq_len(index_topk)} or more"
+            f"{why} is in the top-k, so all patterns score the same; use --seq-len "
+            f"{default_seq_len(index_topk, tokens_per_entry)} or more"
         )
 
 
@@ -103,14 +120,19 @@ class Windows:
             "fingerprint": self.fingerprint,
         }
 
-    def selection_coverage(self, index_topk: int | None) -> dict:
-        """How many scored positions choose among more keys than the indexer keeps (the rest select all).
+    def selection_coverage(self, index_topk: int | None, tokens_per_entry: int = 1) -> dict:
+        """How many scored positions choose among more keys (or entries) than the indexer keeps (the rest select
+        all they see).
 
-        Query position i sees i + 1 keys; positions first_label - 1 .. seq_len - 2 predict scored tokens.
+        Positions first_label - 1 .. seq_len - 2 predict scored tokens; see `first_choosing_position`.
         """
         windows, seq_len = self.input_ids.shape
         scored = seq_len - self.first_label
-        over = scored if index_topk is None else max(0, seq_len - 1 - max(self.first_label - 1, index_topk))
+        if index_topk is None:
+            over = scored
+        else:
+            first = first_choosing_position(index_topk, tokens_per_entry)
+            over = max(0, seq_len - 1 - max(self.first_label - 1, first))
         return {"scored_positions": windows * scored, "positions_over_topk": windows * over}
 
 

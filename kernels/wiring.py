@@ -74,6 +74,34 @@ def indexer_projections(
     return q, k, weights, indexer.softmax_scale
 
 
+class _ScorerInputs(Exception):
+    """Carries (q, keys, hidden_states) out of an indexer's forward at its scorer (see `scorer_projections`)."""
+
+
+class _StopAtScorer(nn.Module):
+    def forward(self, q, keys, hidden_states):
+        raise _ScorerInputs(q, keys, hidden_states)
+
+
+def scorer_projections(indexer: nn.Module, scorer_attr: str, *args, **kwargs):
+    """q [B, S, H, D], keys [B, T, D], fp32 head weights [B, S, H] and the score scale of an indexer that hands its
+    projections to a scorer module (`DeepseekV4Indexer.scorer`: Σ_h w · ReLU(q · k) · softmax_scale over the T
+    compressed entries). The indexer's own forward (its arguments: `args`, `kwargs`) pools the compressed keys and
+    rotates the queries; the scorer is swapped for one that stops the forward right there, so no [B, S, T] score
+    tensor exists and transformers' arithmetic stays the only definition of the keys."""
+    scorer = getattr(indexer, scorer_attr)
+    setattr(indexer, scorer_attr, _StopAtScorer())
+    try:
+        indexer(*args, **kwargs)
+        raise RuntimeError(f"{type(indexer).__name__} returned without calling its {scorer_attr}")
+    except _ScorerInputs as stop:
+        q, keys, hidden_states = stop.args
+    finally:
+        setattr(indexer, scorer_attr, scorer)
+    weights = scorer.weights_proj(hidden_states).float() * scorer.weights_scaling
+    return q, keys, weights, scorer.softmax_scale
+
+
 @torch.no_grad()
 def indexer_topk(
     indexer: nn.Module,

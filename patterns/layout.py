@@ -63,6 +63,14 @@ def indexer_types(pattern: str) -> list[str]:
     return ["full" if c == FULL else "shared" for c in pattern]
 
 
+def index_topk_freq(letters: str) -> int | None:
+    """f when F sits exactly on every f-th letter from the first (the schedule `index_topk_freq` = f describes:
+    vLLM and SGLang count it over the indexer layers), else None."""
+    full = full_layers(letters)
+    freq = full[1] if len(full) > 1 else len(letters)
+    return freq if full == list(range(0, len(letters), freq)) else None
+
+
 def num_full_for_ratio(ratio: float, num_indexers: int) -> int:
     """F = ceil(ratio × M), at least 1, for M indexer layers; `ratio` must lie in (0, 1]."""
     if not (0.0 < ratio <= 1.0):

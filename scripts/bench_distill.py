@@ -64,7 +64,7 @@ def main() -> None:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
     stack = loaded.arch.layers(loaded.model)
-    layer_of = {id(getattr(loaded.arch.attention(stack[f]), loaded.arch.indexer_attr)): f for f in full}
+    layer_of = {id(loaded.arch.indexer(stack[f])): f for f in full}
     distiller = GroupDistiller(loaded.arch, "multi", layer_of)
 
     def step():

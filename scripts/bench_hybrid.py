@@ -2,7 +2,7 @@
 
 1. the pooled Triton indexer path (`runtime/pooled.py`) against its references on fresh random inputs: glm5_next's
    stock indexer (token sets) and Qwen's vectorised QSA reference (token sets), plus the pool-level selection
-   check of `kernels/testing.py` against the scores of `index_scores_reference` (key_stride);
+   check of `kernels/testing.py` against the scores of `index_scores_reference` (ratio);
 2. the F-layer selection time at each context: the kernel path, and the reference it replaces (glm5_next: the stock
    indexer, where it fits in memory; qwen4_exp: our vectorised reference; the stock QSA loop is not timed, it runs a
    Python loop per query);
@@ -92,8 +92,8 @@ class Indexer:
         project = kpool_projections if self.family == "glm5_next" else qsa_projections
         q, keys, weights, scale, pool = project(self.module, **args)
         kept = self.text.index_topk // pool if self.family == "glm5_next" else self.module.block_topk
-        picks = lightning_indexer_topk(q, keys, weights, kept, scale, q_offset=0, key_stride=pool)
-        scores = index_scores_reference(q, keys, weights, scale, q_offset=0, key_stride=pool)
+        picks = lightning_indexer_topk(q, keys, weights, kept, scale, q_offset=0, ratio=pool)
+        scores = index_scores_reference(q, keys, weights, scale, q_offset=0, ratio=pool)
         return selection_report(picks, scores, kept)
 
 

@@ -136,7 +136,7 @@ class LayerTimer:
             out = timer.original(lw, hidden, inputs, start, stop)
             _sync()
             layer = lw.layers[start]
-            kind = getattr(lw.arch.attention(layer), lw.arch.indexer_attr).state.pattern[start]
+            kind = lw.arch.indexer(layer).state.pattern[start]
             device = str(next(layer.parameters()).device)
             timer.times[(start, kind, device)].append(time.perf_counter() - began)
             return out

@@ -130,7 +130,6 @@ def test_prefix_cache_carries_cross_layer_state(family):
 @pytest.mark.parametrize(
     "model_type,reason",
     [
-        ("deepseek_v4", "compressed-sparse-attention layers only"),
         ("dots3_note", "vision-language checkpoint was not tried"),
         ("step3p7", "builds no indexer module"),
         ("mistral_large4_text", "no causal-LM class"),

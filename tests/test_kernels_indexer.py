@@ -63,12 +63,12 @@ def test_indexer_matches_reference(batch, seq_len, num_keys, n_heads, head_dim, 
     [pytest.param(75, 4, 8, id="S75-pool4-K8"), pytest.param(70, 16, 2, id="S70-pool16-K2")],
 )
 def test_pooled_keys_match_reference(seq_len, pool, topk):
-    """Keys that stand for pools of `pool` tokens (key_stride): query t ranks only the (t + 1) // pool pools it sees
+    """Keys that stand for pools of `pool` tokens (ratio): query t ranks only the (t + 1) // pool pools it sees
     whole; rows that see none are all -1."""
     q, k, w, _ = _inputs(1, seq_len, seq_len // pool, 3, 32, seed=seq_len + pool)
     with poisoned_empty():
-        got = lightning_indexer_topk_triton(q, k, w, topk, 0.2, q_offset=0, key_stride=pool, **SMALL_TILES)
-    scores = index_scores_reference(q, k, w, 0.2, q_offset=0, key_stride=pool)
+        got = lightning_indexer_topk_triton(q, k, w, topk, 0.2, q_offset=0, ratio=pool, **SMALL_TILES)
+    scores = index_scores_reference(q, k, w, 0.2, q_offset=0, ratio=pool)
     assert torch.isfinite(scores[:, pool - 1, :1]).all() and not torch.isfinite(scores[:, pool - 2]).any()
     check_selection(got, scores, topk)
 
@@ -107,3 +107,24 @@ def test_indexer_gpu_default_tiles(seq_len, n_heads, topk):
     with poisoned_empty():
         got = lightning_indexer_topk_triton(q, k, w, topk, 128**-0.5, key_mask)
     check_selection(got, index_scores_reference(q, k, w, 128**-0.5, key_mask), topk)
+
+
+ENTRY_CASES = [
+    pytest.param(1, 97, 4, 2, 16, 8, {}, id="B1-S97-r4-H2-D16-K8"),
+    pytest.param(2, 90, 4, 2, 16, 8, {"buffer_bytes": 2 * 22 * 4 * 40}, id="B2-S90-r4-H2-D16-K8-chunks"),
+]
+
+
+@pytest.mark.parametrize("batch,seq_len,ratio,n_heads,head_dim,topk,extra", ENTRY_CASES)
+def test_indexer_over_compressed_entries_matches_reference(batch, seq_len, ratio, n_heads, head_dim, topk, extra):
+    """DeepSeek-V4's keys are entries of `ratio` tokens: query t sees entries s < (t + 1) // ratio (none before
+    t = ratio - 1), and the kernel selects what the reference selects over them."""
+    num_entries = seq_len // ratio
+    q, k, w, _ = _inputs(batch, seq_len, num_entries, n_heads, head_dim, seed=seq_len + ratio)
+    scale = head_dim**-0.5
+    with poisoned_empty():
+        got = lightning_indexer_topk_triton(q, k, w, topk, scale, ratio=ratio, **{**SMALL_TILES, **extra})
+    scores = index_scores_reference(q, k, w, scale, ratio=ratio)
+    assert torch.isinf(scores[:, : ratio - 1]).all() and torch.isfinite(scores[:, -1]).all()
+    assert (got[:, : ratio - 1] == -1).all()  # no entry is complete before position ratio - 1
+    check_selection(got, scores, topk)

@@ -10,6 +10,8 @@ import torch
 from transformers import (
     AXK2Config,
     AXK2ForCausalLM,
+    DeepseekV4Config,
+    DeepseekV4ForCausalLM,
     Dots3NoteForCausalLM,
     Dots3NoteTextConfig,
     Glm5NextConfig,
@@ -30,7 +32,7 @@ from transformers import (
     Qwen4ExpTextConfig,
 )
 
-from tiny_models import _TINY, _perturb
+from tiny_models import _TINY, VOCAB, _perturb
 
 _MLA = {k: v for k, v in _TINY.items() if k != "q_lora_rank"}  # mistral_large4 has no q-LoRA
 
@@ -283,4 +285,57 @@ def qwen4_exp_model(seed: int = 0) -> Qwen4ExpForConditionalGeneration:
     config._attn_implementation = "eager"
     model = Qwen4ExpForConditionalGeneration(config).eval()
     _perturb(model, seed)
+    return model
+
+
+# compress ratios 0 (sliding), 4 (CSA: the indexer layers 2, 4, 6, 7) and 16 (HCA; 128 in the real models, shrunk
+# so a 96-token window closes some of its entries).
+V4_LAYER_TYPES = [
+    {0: "sliding_attention", 4: "compressed_sparse_attention", 16: "heavily_compressed_attention"}[r]
+    for r in (0, 0, 4, 16, 4, 16, 4, 4)
+]
+V4_CSA_LAYERS = [2, 4, 6, 7]
+V4_SEQ = 96  # 24 entries of 4 tokens; top-4 entries: queries from position 19 on choose
+
+
+def v4_config(**overrides) -> DeepseekV4Config:
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=len(V4_LAYER_TYPES),
+        num_attention_heads=4,
+        head_dim=16,
+        partial_rotary_factor=0.5,
+        q_lora_rank=16,
+        o_groups=2,
+        o_lora_rank=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=4,
+        sliding_window=8,
+        hc_sinkhorn_iters=3,
+        layer_types=V4_LAYER_TYPES,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        max_position_embeddings=512,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
+    kwargs.update(overrides)
+    config = DeepseekV4Config(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def v4_model(seed: int = 0, **overrides) -> DeepseekV4ForCausalLM:
+    """Random weights, jittered; the hash-routed layers get a random token → expert table (zeros by default)."""
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(v4_config(**overrides)).eval()
+    _perturb(model, seed)
+    gen = torch.Generator().manual_seed(2000 + seed)
+    for name, buffer in model.named_buffers():
+        if name.endswith("tid2eid"):
+            buffer.copy_(torch.randint(0, model.config.n_routed_experts, buffer.shape, generator=gen))
     return model

@@ -18,19 +18,17 @@ def lightning_indexer_topk(
     softmax_scale: float,
     key_mask: torch.Tensor | None = None,
     q_offset: int | None = None,
-    key_stride: int = 1,
+    ratio: int = 1,
 ) -> torch.Tensor:
     """int32 [B, S, topk] indices of the top-k keys per query, -1 past the visible keys.
 
     q: [B, S, H, D] (bf16), k: [B, T, D], weights: fp32 [B, S, H] (weights_proj(h) · H^-0.5), key_mask: bool [B, T]
-    (False = padding) or None, q_offset: index of query 0 among the keys (default T - S: prefill 0, decode T - 1),
-    key_stride: tokens per key when keys are pools of consecutive tokens (then q_offset is given, in tokens).
+    (False = padding) or None, q_offset: index of query 0 among the keys (default T - S: prefill 0, decode T - 1).
+    ratio: tokens per key where the keys are compressed entries (DeepSeek-V4: 4; see `reference.py`).
     """
-    if key_stride != 1 and q_offset is None:
-        raise ValueError("pooled keys (key_stride > 1) need q_offset in tokens (0 for a prefill)")
     if use_triton(q):
         from .kernel import lightning_indexer_topk_triton
 
         with on_device_of(q):
-            return lightning_indexer_topk_triton(q, k, weights, topk, softmax_scale, key_mask, q_offset, key_stride)
-    return lightning_indexer_topk_reference(q, k, weights, topk, softmax_scale, key_mask, q_offset, key_stride)
+            return lightning_indexer_topk_triton(q, k, weights, topk, softmax_scale, key_mask, q_offset, ratio=ratio)
+    return lightning_indexer_topk_reference(q, k, weights, topk, softmax_scale, key_mask, q_offset, ratio)

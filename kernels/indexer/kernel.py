@@ -14,6 +14,9 @@ Two kernels per query chunk (NOTES.md has the measurements behind the choices):
    finds. A row the bracket misses, and a shorter row, take the radix select on the row itself: two 8-bit passes
    leave a bucket of near-equal keys, which one more pass copies to the scratch row. Rows that see at most
    k keys take them all and pad with -1. Ties at the k-th key: the first ones in row order.
+
+With RATIO r > 1 (DeepSeek-V4's compressed entries of r tokens) a query at token position p sees the keys (entries)
+s < (p + 1) // r instead of s ≤ p: the one constant both kernels read; `reference.py` defines it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..triton_utils import descriptor_rows, interpreting
+from .reference import default_q_offset
 
 _NO_KEY = tl.constexpr(-1)  # int32 bit pattern 0xFFFFFFFF stored for padding keys; maps to order key 0
 
@@ -39,7 +43,6 @@ def _index_scores_kernel(
     T,
     chunk_start,
     q_offset,
-    key_stride,
     stride_wb,
     stride_wh,
     stride_mb,
@@ -50,6 +53,7 @@ def _index_scores_kernel(
     HAS_KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    RATIO: tl.constexpr = 1,
 ):
     """Tiles come in through tensor descriptors (TMA on Hopper) over q as [B·S, H·D] and k as [B·T, D], so no
     per-element pointer tensor stays live across the head loop. Rows past S (or keys past T) read the next
@@ -60,8 +64,7 @@ def _index_scores_kernel(
 
     t0 = chunk_start + pid_m * BLOCK_M  # first query of the tile
     n_start = pid_n * BLOCK_N
-    # Tile entirely past the last query's reach: query t sees the first (t + q_offset + 1) // key_stride keys.
-    if n_start >= (tl.minimum(t0 + BLOCK_M - 1, S - 1) + q_offset + 1) // key_stride:
+    if n_start >= (tl.minimum(t0 + BLOCK_M - 1, S - 1) + q_offset + 1) // RATIO:  # tile past every row's reach
         return
 
     kt = tl.trans(k_desc.load([b * T + n_start, 0]))
@@ -285,11 +288,11 @@ def _first_digit(lo, hi):
 @triton.jit
 def _radix_topk_kernel(
     Scores, Out, ScratchKey, ScratchIdx,
-    S, T, row_stride, chunk_start, q_offset, key_stride, chunk_rows,
+    S, T, row_stride, chunk_start, q_offset, chunk_rows,
     stride_ob, stride_os,
     TOPK: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
     BRACKET: tl.constexpr, SIGMAS: tl.constexpr, SAMPLE_RUN: tl.constexpr, SAMPLE_STRIDE: tl.constexpr,
-    MIN_KEYS: tl.constexpr,
+    MIN_KEYS: tl.constexpr, RATIO: tl.constexpr = 1,
 ):  # fmt: skip
     """Exact top-TOPK of one score row.
 
@@ -303,7 +306,7 @@ def _radix_topk_kernel(
     r = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: no long row starts in the last wave
     b = tl.program_id(1).to(tl.int64)
     t = chunk_start + r
-    n = tl.minimum((t + q_offset + 1) // key_stride, T)  # keys in causal reach; padding among them is order key 0
+    n = tl.minimum((t + q_offset + 1) // RATIO, T)  # keys in causal reach; padding among them is order key 0
     row = Scores + (b * chunk_rows + r) * row_stride
     out = Out + b * stride_ob + t.to(tl.int64) * stride_os
     scratch_key = ScratchKey + (b * chunk_rows + r) * CAP
@@ -356,7 +359,6 @@ def lightning_indexer_topk_triton(
     softmax_scale: float,
     key_mask: torch.Tensor | None = None,
     q_offset: int | None = None,
-    key_stride: int = 1,
     *,
     block_m: int = 64,
     block_n: int = 128,
@@ -371,9 +373,9 @@ def lightning_indexer_topk_triton(
     sample_stride: int = 128,
     bracket_min_keys: int | None = None,
     buffer_bytes: int = 1 << 30,
+    ratio: int = 1,
 ) -> torch.Tensor:
-    """int32 [B, S, topk]; same contract as `lightning_indexer_topk_reference` (`key_stride`: keys are pools of
-    that many tokens, see there).
+    """int32 [B, S, topk]; same contract as `lightning_indexer_topk_reference` (`ratio`: tokens per key).
 
     The score buffer holds `buffer_bytes // (4 T B)` query rows (at least one block), so memory stays
     O(S · topk + buffer) for any S. Defaults: the fastest variants measured on an H100 (NOTES.md). `bracket`
@@ -382,7 +384,7 @@ def lightning_indexer_topk_triton(
     """
     batch, seq_len, n_heads, head_dim = q.shape
     num_keys = k.shape[1]
-    q_offset = num_keys - seq_len if q_offset is None else q_offset
+    q_offset = default_q_offset(seq_len, num_keys, ratio) if q_offset is None else q_offset
     # One descriptor box per head: zero-pad the head dim to a power of two if needed (dot products unchanged).
     block_d = max(16, triton.next_power_of_2(head_dim))
     q = descriptor_rows(q, block_d).view(batch * seq_len, n_heads * block_d)
@@ -405,23 +407,23 @@ def lightning_indexer_topk_triton(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for start in range(0, seq_len, chunk):
         rows = min(chunk, seq_len - start)
-        reach = min(num_keys, (start + rows + q_offset) // key_stride)
-        grid = (max(1, triton.cdiv(reach, block_n)), triton.cdiv(rows, block_m), batch)
+        reach = max(1, min(num_keys, (start + rows + q_offset) // ratio))  # keys the chunk's last row sees
+        grid = (triton.cdiv(reach, block_n), triton.cdiv(rows, block_m), batch)
         _index_scores_kernel[grid](
             q_desc, k_desc, out_desc, w, mask,
-            seq_len, num_keys, start, q_offset, key_stride,
+            seq_len, num_keys, start, q_offset,
             w.stride(0), w.stride(1), mask.stride(0),
             H=n_heads, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=precision, UPCAST_DOT=interpreting(),
+            HAS_KEY_MASK=key_mask is not None, DOT_PRECISION=precision, UPCAST_DOT=interpreting(), RATIO=ratio,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         _radix_topk_kernel[(rows, batch)](
             scores, out, scratch_key, scratch_idx,
-            seq_len, num_keys, row_stride, start, q_offset, key_stride, chunk,
+            seq_len, num_keys, row_stride, start, q_offset, chunk,
             out.stride(0), out.stride(1),
             TOPK=topk, BLOCK=select_block, CAP=bucket_cap, BRACKET=bracket, SIGMAS=bracket_sigmas,
             SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, MIN_KEYS=max(topk, bracket_min_keys or 2 * topk),
-            num_warps=select_warps,
+            RATIO=ratio, num_warps=select_warps,
         )  # fmt: skip
     return out
 
@@ -439,15 +441,17 @@ def topk_of_scores_triton(
     sample_run: int = 8,
     sample_stride: int = 128,
     bracket_min_keys: int | None = None,
+    ratio: int = 1,
 ) -> torch.Tensor:
     """The selection kernel alone, on given scores: int32 [B, S, topk], as `lightning_indexer_topk_triton` selects
     from the scores its score kernel writes (for tests on chosen scores, and for timing the select).
 
     scores: fp32 [B, S, T] as `index_scores_reference` returns them (-inf = not visible; query t sees keys
-    s <= t + q_offset, default T - S). Ties at the k-th score: the lowest key indices win.
+    s <= t + q_offset, default T - S; entries s < (t + q_offset + 1) // ratio with `ratio` > 1, default q_offset
+    0). Ties at the k-th score: the lowest key indices win.
     """
     batch, seq_len, num_keys = scores.shape
-    q_offset = num_keys - seq_len if q_offset is None else q_offset
+    q_offset = default_q_offset(seq_len, num_keys, ratio) if q_offset is None else q_offset
     buffer = scores.float().contiguous().clone()
     buffer.view(torch.int32).masked_fill_(scores == float("-inf"), -1)  # padding: the NaN pattern 0xFFFFFFFF
     out = torch.empty((batch, seq_len, topk), dtype=torch.int32, device=scores.device)
@@ -455,10 +459,10 @@ def topk_of_scores_triton(
     scratch_idx = torch.empty_like(scratch_key)
     _radix_topk_kernel[(seq_len, batch)](
         buffer, out, scratch_key, scratch_idx,
-        seq_len, num_keys, num_keys, 0, q_offset, 1, seq_len,
+        seq_len, num_keys, num_keys, 0, q_offset, seq_len,
         out.stride(0), out.stride(1),
         TOPK=topk, BLOCK=select_block, CAP=bucket_cap, BRACKET=bracket, SIGMAS=bracket_sigmas,
         SAMPLE_RUN=sample_run, SAMPLE_STRIDE=sample_stride, MIN_KEYS=max(topk, bracket_min_keys or 2 * topk),
-        num_warps=select_warps,
+        RATIO=ratio, num_warps=select_warps,
     )  # fmt: skip
     return out

@@ -3,7 +3,7 @@
 Such an indexer scores one key per pool of c tokens (pool p = tokens p·c … p·c + c − 1, visible once its last
 token is), keeps the best pools and expands them back to tokens, then appends the query's own incomplete pool
 (its "tail": the (t + 1) mod c newest tokens), which is always attended. The scoring is the lightning indexer's
-with `key_stride = c`; this module expands its pool picks. Prefill of an unpadded window only: pools start at
+with `ratio = c`; this module expands its pool picks. Prefill of an unpadded window only: pools start at
 token 0, as both families' code builds them when nothing is padded.
 """
 
@@ -43,5 +43,5 @@ def pooled_topk(
     q: [B, S, H, D], pool_keys: [B, P, D] (one per complete pool, P = S // c), weights: fp32 [B, S, H]; scores
     Σ_h weights · ReLU(softmax_scale · q · k) as `lightning_indexer_topk` (the Triton kernel on CUDA).
     """
-    pools = lightning_indexer_topk(q, pool_keys, weights, pools_kept, softmax_scale, q_offset=0, key_stride=pool_size)
+    pools = lightning_indexer_topk(q, pool_keys, weights, pools_kept, softmax_scale, q_offset=0, ratio=pool_size)
     return expand_pools(pools, pool_size)

@@ -24,7 +24,7 @@ import torch
 
 from . import defaults
 from .atomic import write_json
-from .calib import DataSpec, Windows
+from .calib import DataSpec, Windows, first_choosing_position
 from .errors import IndexCacheError
 from .kernels.indexer import index_scores_reference
 from .models import DsaArchitecture, LoadedModel
@@ -49,12 +49,12 @@ def overlap_counts(a_sorted: torch.Tensor, b_sorted: torch.Tensor) -> torch.Tens
 
 
 def entropy_sums(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, softmax_scale: float, first: int, key_stride: int = 1
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, softmax_scale: float, first: int, ratio: int = 1
 ) -> tuple[float, float]:
     """Summed softmax entropy (nats) of the index scores, and of it over log(visible keys), for queries ≥ `first`.
 
-    q: [B, S, H, D], k: [B, S // key_stride, D] (pools of key_stride tokens, see the indexer reference),
-    weights: [B, S, H]; causal prefill. Scored `chunk` queries at a time.
+    q: [B, S, H, D], k: [B, T, D] (T = S tokens, or S // ratio compressed entries of `ratio` tokens: query t sees
+    (t + 1) // ratio of them), weights: [B, S, H]; causal prefill. Scored `chunk` queries at a time.
     """
     batch, seq_len, n_heads, _ = q.shape
     chunk = max(1, _ENTROPY_CHUNK_ELEMENTS // max(1, batch * n_heads * k.shape[1]))
@@ -62,10 +62,10 @@ def entropy_sums(
     for start in range(first, seq_len, chunk):
         stop = min(seq_len, start + chunk)
         scores = index_scores_reference(
-            q[:, start:stop], k, weights[:, start:stop], softmax_scale, q_offset=start, key_stride=key_stride
+            q[:, start:stop], k, weights[:, start:stop], softmax_scale, q_offset=start, ratio=ratio
         )
         entropy = torch.special.entr(scores.softmax(-1)).sum(-1, dtype=torch.float64)  # [B, chunk]
-        visible = torch.arange(start + 1, stop + 1, device=entropy.device, dtype=torch.float64) // key_stride
+        visible = torch.arange(start + 1, stop + 1, device=entropy.device, dtype=torch.float64).div(ratio).floor()
         nats += float(entropy.sum())
         normalised += float((entropy / visible.log()).sum())
     return nats, normalised
@@ -74,24 +74,29 @@ def entropy_sums(
 class SelectionRecorder:
     """An `IndexerFn` that runs the backend's indexer (given by `around`) and records what each F layer selects.
 
-    Call `end_batch()` after every forward: it drops the batch's selections (the sums stay).
+    layer_of: id(indexer module) → its layer; first: the first query position that chooses among more than `topk`
+    keys (entries of `ratio` tokens: `calib.first_choosing_position`). Call `end_batch()` after every forward: it
+    drops the batch's selections (the sums stay).
     """
 
-    def __init__(self, arch: DsaArchitecture, num_layers: int, topk: int):
+    def __init__(
+        self, arch: DsaArchitecture, num_layers: int, topk: int, layer_of: dict[int, int], first: int, ratio: int = 1
+    ):
         self.compute: IndexerFn | None = None
         self.arch = arch
         self.topk = topk
+        self.layer_of, self.first, self.ratio = layer_of, first, ratio
         self.shared_keys = torch.zeros(num_layers, num_layers, dtype=torch.float64)  # Σ |A_i ∩ A_j| over positions
         self.entropy = torch.zeros(num_layers, dtype=torch.float64)
         self.entropy_normalised = torch.zeros(num_layers, dtype=torch.float64)
         self.positions = 0
-        self._batch: dict[int, torch.Tensor] = {}  # layer → sorted int [B, S - k, k]
+        self._batch: dict[int, torch.Tensor] = {}  # layer → sorted int [B, S - first, k]
 
     def __call__(self, indexer, *args, **kwargs):
         """The arguments are the family's own indexer call (see `patch.IndexerFn`)."""
         indices = self.compute(indexer, *args, **kwargs)
-        layer, k = indexer.layer_idx, self.topk
-        selected = indices[:, k:].sort(-1).values  # positions ≥ k see more than k keys: a real choice
+        layer = self.layer_of[id(indexer)]
+        selected = indices[:, self.first :].sort(-1).values  # these positions see more than k keys: a real choice
         for other, earlier in self._batch.items():
             shared = float(overlap_counts(earlier, selected).sum())
             self.shared_keys[other, layer] += shared
@@ -99,7 +104,7 @@ class SelectionRecorder:
         self.shared_keys[layer, layer] += float((selected >= 0).sum())  # pooled rows end in -1 after their tail
         self._batch[layer] = selected
         q, keys, weights, scale, stride = scoring_inputs(self.arch, indexer, *args, **kwargs)
-        nats, normalised = entropy_sums(q, keys, weights, scale, k, stride)
+        nats, normalised = entropy_sums(q, keys, weights, scale, self.first, stride * self.ratio)
         self.entropy[layer] += nats
         self.entropy_normalised[layer] += normalised
         return indices
@@ -145,16 +150,19 @@ def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kern
     n, topk = loaded.num_layers, loaded.arch.keys_kept(loaded.text_config)
     if not loaded.arch.indexer_kernel:
         raise IndexCacheError(f"analyze: {loaded.arch.family}'s indexer does not select top-k keys; not supported")
-    seq_len = windows.input_ids.shape[1]
-    if seq_len <= topk:
+    seq_len, ratio = windows.input_ids.shape[1], loaded.tokens_per_entry
+    first = first_choosing_position(topk, ratio)
+    if seq_len <= first:
         raise IndexCacheError(
-            f"--seq-len {seq_len} is not above the model's top-k ({topk}): every layer would select every key, "
+            f"--seq-len {seq_len} is not above the model's top-k ({topk}"
+            f"{'' if ratio == 1 else f' entries of {ratio} tokens'}): every layer would select every key, "
             "so the overlap says nothing; raise --seq-len"
         )
     if batch_size < 1:
         raise IndexCacheError(f"--batch-size {batch_size} must be at least 1")
     lw = LayerwiseModel(loaded.model, loaded.arch)
-    recorder = SelectionRecorder(loaded.arch, n, topk)
+    layer_of = {id(loaded.arch.indexer(layer)): i for i, layer in enumerate(lw.layers) if i in loaded.indexer_layers}
+    recorder = SelectionRecorder(loaded.arch, n, topk, layer_of, first, ratio)
     nll, layer_forwards = 0.0, 0
     device = lw.input_device
     install = kernels_installed(loaded.model, loaded.arch, device, kernels, seq_len, wrap_indexer=recorder.around)

@@ -253,7 +253,10 @@ def pattern_record(
             "indexer_layers": loaded.indexer_layers,
             "dsa_layers": loaded.dsa_layers,
         },
-        "calibration": {**windows.describe(), **windows.selection_coverage(checkpoint.index_topk)},
+        "calibration": {
+            **windows.describe(),
+            **windows.selection_coverage(checkpoint.index_topk, checkpoint.tokens_per_entry),
+        },
         "seed": windows.spec.seed,
         "search": run,
         "versions": pattern_file.library_versions(),

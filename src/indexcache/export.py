@@ -13,7 +13,7 @@ from .errors import IndexCacheError
 from .models import architecture_for
 from .models.loading import indexer_layers_in, weight_names
 from .patterns import file as pattern_file
-from .patterns.layout import full_layers, indexer_types
+from .patterns.layout import full_layers, index_topk_freq, indexer_types, validate
 
 # Keys that express an older sharing schedule; the pattern replaces them.
 _SCHEDULE_KEYS = ("index_topk_freq", "index_skip_topk_offset")
@@ -45,13 +45,25 @@ def _check_indexer_weights(pattern: str, model_dir: Path, arch, num_layers: int)
         )
 
 
-def config_with_pattern(config: dict, pattern: str) -> dict:
+def _text_config(model_dir: Path):
+    """The checkpoint's (text) config as transformers reads it: where its layer types come from."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir).get_text_config()
+    except Exception as exc:
+        raise IndexCacheError(f"could not read the model config of {model_dir}: {str(exc).splitlines()[0]}") from exc
+
+
+def config_with_pattern(config: dict, pattern: str, dsa_layers: list[int] | None = None) -> dict:
     """config.json's contents with the pattern under the keys the family's readers use.
 
-    `indexer_types` always (transformers' GlmMoeDsaConfig and MistralLarge4TextConfig prefer it over
+    `indexer_types` where transformers has it (GlmMoeDsaConfig and MistralLarge4TextConfig prefer it over
     `index_topk_pattern`; HYV4Config reads nothing else), `index_topk_pattern` where the family's readers take it,
     `use_index_cache: true` where vLLM serves the family (it ignores the pattern without it); a vision-language
-    checkpoint gets them in its `text_config`. Older schedule keys are dropped: the pattern replaces them.
+    checkpoint gets them in its `text_config`. Families whose readers count the pattern over the indexer layers
+    (`dsa_layers`; deepseek_v4's CSA layers) get one letter per indexer layer, and `index_topk_freq` as well when
+    the pattern is a uniform schedule. Older schedule keys are dropped: the pattern replaces them.
     """
     config = deepcopy(config)
     arch = architecture_for(config.get("model_type"))
@@ -59,7 +71,10 @@ def config_with_pattern(config: dict, pattern: str) -> dict:
     for key in (*_SCHEDULE_KEYS, "index_topk_pattern"):
         text_config.pop(key, None)
     values = {"index_topk_pattern": pattern, "indexer_types": indexer_types(pattern), "use_index_cache": True}
-    text_config.update({key: values[key] for key in arch.pattern_keys})
+    if arch.pattern_per_indexer_layer:
+        values["index_topk_pattern"] = "".join(pattern[i] for i in dsa_layers)
+        values["index_topk_freq"] = index_topk_freq(values["index_topk_pattern"])
+    text_config.update({key: values[key] for key in arch.pattern_keys if values.get(key) is not None})
     return config
 
 
@@ -87,9 +102,11 @@ def apply_pattern(
     text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     pattern_file.check_matches(data, arch.model_type, text_config.get("num_hidden_layers"), str(model_dir))
 
+    dsa_layers = arch.dsa_layer_ids(_text_config(model_dir))
+    validate(data["index_topk_pattern"], text_config["num_hidden_layers"], dsa_layers)
     _check_indexer_weights(data["index_topk_pattern"], model_dir, arch, text_config["num_hidden_layers"])
-    config = config_with_pattern(config, data["index_topk_pattern"])
-    note = arch.pattern_note(data["index_topk_pattern"], data["model"]["indexer_layers"])
+    config = config_with_pattern(config, data["index_topk_pattern"], dsa_layers)
+    note = arch.pattern_note(data["index_topk_pattern"], dsa_layers)
     if note:
         log(note)
 

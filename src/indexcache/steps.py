@@ -35,13 +35,13 @@ def calibration_windows(
     """The token windows for `checkpoint`, built and checked before any weight loads.
 
     The window length defaults from the model (`DataSpec.seq_len=None`); windows in which the indexer keeps
-    every key are refused, since every pattern would score the same on them.
+    every key (or compressed entry) are refused, since every pattern would score the same on them.
     """
     if isinstance(data, Windows):
         windows = data
     else:
-        spec = data.with_model_defaults(checkpoint.index_topk)
+        spec = data.with_model_defaults(checkpoint.index_topk, checkpoint.tokens_per_entry)
         tok = load_tokenizer(checkpoint, tokenizer, required=tokenizer is not None)
         windows = make_windows(spec, tok, checkpoint.config.get_text_config().eos_token_id, offset=offset)
-    check_window_length(windows.input_ids.shape[1], checkpoint.index_topk)
+    check_window_length(windows.input_ids.shape[1], checkpoint.index_topk, checkpoint.tokens_per_entry)
     return windows

@@ -102,7 +102,7 @@ class _Split:
         for layer in stack.arch.layers(stack.model):
             attn = stack.arch.attention(layer)
             self._hook(attn, "attention")
-            self._hook(getattr(attn, stack.arch.indexer_attr), "indexer")
+            self._hook(stack.arch.indexer(layer), "indexer")
 
     def _now(self):
         if self.cuda:
@@ -181,14 +181,20 @@ def time_forward(
     return rec
 
 
-def named_patterns(num_layers: int, pattern: str | None, ratio: float) -> list[tuple[str, str]]:
-    """(name, N-layer pattern): all-F, the given pattern (or the uniform one at `ratio`), the uniform interleave."""
+def named_patterns(
+    num_layers: int, pattern: str | None, ratio: float, indexer_layers: list[int] | None = None
+) -> list[tuple[str, str]]:
+    """(name, pattern over the M indexer layers, one letter each): all-F, the given N-layer pattern (or the
+    uniform one at `ratio`), the uniform interleave. `indexer_layers` None: every layer has an indexer (M = N)."""
+    indexer_layers = list(range(num_layers)) if indexer_layers is None else indexer_layers
+    m = len(indexer_layers)
     if pattern is not None:
-        validate(pattern, num_layers)
-        n_full = len(full_layers(pattern))
-        return [("all-F", "F" * num_layers), ("pattern", pattern), ("uniform", uniform(num_layers, n_full))]
-    n_full = num_full_for_ratio(ratio, num_layers)
-    return [("all-F", "F" * num_layers), ("uniform", uniform(num_layers, n_full))]
+        validate(pattern, num_layers, indexer_layers)
+        named = [("pattern", "".join(pattern[i] for i in indexer_layers))]
+    else:
+        named = []
+    n_full = len(full_layers(named[0][1])) if named else num_full_for_ratio(ratio, m)
+    return [("all-F", "F" * m), *named, ("uniform", uniform(m, n_full))]
 
 
 def bench(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import typer
@@ -144,7 +145,7 @@ def search(
             _fail("interrupted; run the same command with --resume to continue after the last step", 130)
         raise
     out.print(
-        f"[bold]{result['index_topk_pattern']}[/]  {result['num_full']}/{result['num_layers']} F   "
+        f"[bold]{result['index_topk_pattern']}[/]  {result['num_full']}/{len(result['model']['dsa_layers'])} F   "
         f"loss {result['loss_final']:.5f} (all-F {result['loss_all_full']:.5f})   "
         f"{result['search']['layer_forwards']:,} layer-forwards in {result['search']['seconds']:.1f} s → {output}",
         highlight=False,
@@ -275,8 +276,8 @@ def analyze(
 
     data = _data_spec(dataset, dataset_config, split, text_column, num_samples, seq_len, seed)
     result = run_analysis(output, model, data, batch_size, kernels, dtype, device, device_map, tokenizer)
-    indexed = [i for i, row in enumerate(result["overlap"]) if row[i] is not None]  # layers with an indexer
-    adjacent = [result["overlap"][i][j] for i, j in zip(indexed, indexed[1:], strict=False)]
+    layers = result["model"]["indexer_layers"]  # consecutive indexer layers (every layer in most families)
+    adjacent = [result["overlap"][a][b] for a, b in itertools.pairwise(layers)]
     shown = ", ".join("–" if v is None else f"{v:.0%}" for v in adjacent)
     out.print(f"adjacent indexer layers' top-k overlap: {shown}", highlight=False, soft_wrap=True)
     out.print(f"wrote {output / ANALYSIS_JSON} and {output / OVERLAP_PNG}", highlight=False)

@@ -91,8 +91,8 @@ def run_bench(
             f"rows count the {num_layers} indexer layers",
             highlight=False,
         )
-    pattern = "".join(data["index_topk_pattern"][i] for i in timed) if data else None
-    patterns = named_patterns(num_layers, pattern, ratio)
+    pattern = data["index_topk_pattern"] if data else None
+    patterns = named_patterns(config.get_text_config().num_hidden_layers, pattern, ratio, timed)
     dev = _device(device)
     torch_dtype = resolve_dtype(dtype, dev.type)
 

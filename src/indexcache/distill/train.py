@@ -134,7 +134,7 @@ def indexer_parameters(loaded: LoadedModel, layers: list[int]) -> dict[str, nn.P
     arch, stack = loaded.arch, loaded.arch.layers(loaded.model)
     named = {}
     for layer in layers:
-        indexer = getattr(arch.attention(stack[layer]), arch.indexer_attr)
+        indexer = arch.indexer(stack[layer])
         for name, param in indexer.named_parameters():
             named[arch.indexer_weight_prefix(layer) + name] = param
     return named
@@ -224,12 +224,9 @@ def distill(
     if resume and not state_path(output).exists():
         raise IndexCacheError(f"--resume found no saved distillation at {state_path(output)}; run without --resume")
     data_file = pattern_file.read(pattern_path)
-    arch = architecture_for(data_file["model"].get("model_type"))
-    if arch.selection != "tokens":  # the KL over selected keys assumes an indexer that scores each key
-        raise IndexCacheError(
-            f"distill: {arch.family}'s indexer scores pools of tokens ({arch.selection}), which distillation does "
-            "not train yet; search, eval and apply support it"
-        )
+    arch = architecture_for(data_file["model"]["model_type"])
+    if arch.distill_refusal is not None:
+        raise IndexCacheError(f"distill: {arch.distill_refusal}")
     recorded = data_file["model"].get("name")
     if model is None and recorded is None:
         raise IndexCacheError(f"pattern file {pattern_path} names no model; pass --model")
@@ -246,7 +243,7 @@ def distill(
     if missing:
         raise IndexCacheError(f"layers {missing} are F in the pattern but have no indexer weights in {model_dir}")
     if data is not None:  # a window length left to the model: max(512, 4 × index_topk)
-        data = data.with_model_defaults(getattr(loaded.text_config, "index_topk", None))
+        data = data.with_model_defaults(getattr(loaded.text_config, "index_topk", None), loaded.tokens_per_entry)
     windows = training_windows(data_file, data, num_samples, loaded.tokenizer, loaded.model.config.eos_token_id)
 
     # Only the F layers' indexers train; their fp32 master copies are what the optimizer updates.
@@ -285,7 +282,7 @@ def distill(
 
     lw = LayerwiseModel(loaded.model, loaded.arch)
     stack = loaded.arch.layers(loaded.model)
-    layer_of = {id(getattr(loaded.arch.attention(stack[f]), loaded.arch.indexer_attr)): f for f in full}
+    layer_of = {id(loaded.arch.indexer(stack[f])): f for f in full}
     distiller = GroupDistiller(loaded.arch, objective, layer_of)
     num_windows = windows.input_ids.shape[0]
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     axk2,
+    deepseek_v4,
     deepseek_v32,
     dots3_note,
     glm5_next,

@@ -30,5 +30,9 @@ ARCHITECTURE = register(
         pattern_keys=("index_topk_pattern", "indexer_types"),
         honours_pattern=True,
         stock_reuses_previous_layer_only=True,
+        distill_refusal=(
+            "its indexer scores pools of tokens, which distillation does not train yet; search, eval and apply "
+            "support it"
+        ),
     )
 )

@@ -28,7 +28,7 @@ VISION_LANGUAGE = register(
         family="Hunyuan 4 VL",
         layers_path=("model", "language_model", "layers"),
         auto_class="AutoModelForImageTextToText",
-        checkpoint_indexer_key="model.layers.{layer}.self_attn.indexer.",  # saved without `language_model.`
+        checkpoint_indexer_keys=("model.layers.{layer}.self_attn.indexer.",),  # saved without `language_model.`
         **_HY_V4,
     )
 )

@@ -58,6 +58,11 @@ class Checkpoint:
         """The indexer layers of the architecture (`DsaArchitecture.dsa_layer_ids`), with weights or not."""
         return self.arch.dsa_layer_ids(self.config.get_text_config())
 
+    @property
+    def tokens_per_entry(self) -> int:
+        """Tokens per selectable entry (1: the indexer selects tokens; 4: DeepSeek-V4's compressed entries)."""
+        return self.arch.tokens_per_entry(self.config.get_text_config())
+
 
 @dataclass
 class LoadedModel:
@@ -89,6 +94,11 @@ class LoadedModel:
         """The indexer layers of the architecture (`DsaArchitecture.dsa_layer_ids`); `indexer_layers` are those
         of them whose weights loaded."""
         return self.arch.dsa_layer_ids(self.text_config)
+
+    @property
+    def tokens_per_entry(self) -> int:
+        """Tokens per selectable entry (see `Checkpoint.tokens_per_entry`)."""
+        return self.arch.tokens_per_entry(self.text_config)
 
 
 def embedded_model_path() -> Path:
@@ -264,8 +274,8 @@ def load_weights(
         i for i in checkpoint.indexer_layers if not any(k.startswith(arch.indexer_weight_prefix(i)) for k in missing)
     ]
     for i, layer in enumerate(arch.layers(loaded)):
-        if i not in with_weights and getattr(arch.attention(layer), arch.indexer_attr, None) is not None:
-            setattr(arch.attention(layer), arch.indexer_attr, None)  # random weights: never let it be F
+        if i not in with_weights and arch.indexer(layer) is not None:
+            setattr(arch.indexer_owner(layer), arch.indexer_attr, None)  # random weights: never let it be F
     return LoadedModel(
         model=loaded,
         arch=arch,

@@ -18,7 +18,7 @@ VISION_LANGUAGE = register(
         family="MiniMax-M3-VL",
         layers_path=("model", "language_model", "layers"),
         auto_class="AutoModelForImageTextToText",
-        checkpoint_indexer_key="language_model.model.layers.{layer}.self_attn.index_",  # MiniMax's own names
+        checkpoint_indexer_keys=("language_model.model.layers.{layer}.self_attn.index_",),  # MiniMax's own names
         **_MINIMAX,
     )
 )

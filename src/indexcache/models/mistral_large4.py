@@ -21,7 +21,7 @@ ARCHITECTURE = register(
         indexer_query="hidden",
         shared_state="shared_kv_states",
         logit_softcap="final_logit_softcapping",
-        checkpoint_indexer_key="layers.{layer}.attention.indexer.",  # transformers saves Mistral's own names
+        checkpoint_indexer_keys=("layers.{layer}.attention.indexer.",),  # transformers saves Mistral's own names
         honours_pattern=True,
     )
 )

@@ -14,7 +14,7 @@ from .registry import DsaArchitecture, register
 _QWEN4_EXP = dict(
     dsa_layers=("layer_types", "indexed_attention"),
     rotary_position_axes=3,
-    token_ids_input="ple_input_ids",
+    token_id_inputs=("ple_input_ids",),
     hidden_streams="hc_count",
     flat_streams=True,
     streams_head="hyper_connection_mixer",
@@ -25,6 +25,9 @@ _QWEN4_EXP = dict(
     sparse_attention_kernel=False,
     kernel_attention="sdpa",
     pattern_keys=("indexer_types",),
+    distill_refusal=(
+        "its indexer scores blocks of tokens, which distillation does not train yet; search, eval and apply support it"
+    ),
     reader_note=(
         "note: no reader of a qwen4_exp pattern exists (stock transformers runs every indexer and reads no pattern "
         "key); indexcache evaluates it with its own patch"

@@ -6,10 +6,6 @@ Each reason names what stands in the way, so a user knows whether to wait for in
 from .registry import DsaArchitecture, register
 
 _REFUSALS = {
-    ("deepseek_v4", "DeepSeek-V4"): (
-        "its indexer lives in the compressor of compressed-sparse-attention layers only (none on layer 0) and picks "
-        "compressed KV blocks; indexcache needs an indexer on layer 0"
-    ),
     ("dots3_note", "dots.3 note"): (
         "the vision-language checkpoint was not tried here (no tiny test model); text checkpoints "
         "(dots3_note_text) are supported"

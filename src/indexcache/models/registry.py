@@ -26,12 +26,17 @@ class DsaArchitecture:
         indexer_rope: RoPE layout of the indexer's rotary dims, "interleave" or "half" (for the fused kernel).
         layers_path / attention_attr / indexer_attr: attribute path from the loaded model to its decoder layers
             (through the language model of a vision-language checkpoint), the attention inside a layer, and the
-            indexer inside the attention.
+            indexer inside the attention (inside its `indexer_parent` where that is set).
+        indexer_parent: attribute of the attention that holds the indexer (deepseek_v4: "compressor", the CSA
+            compressor), or None when the attention holds it itself.
         auto_class: the transformers auto class that loads a checkpoint of this type with its LM head.
         indexer_rope_at_end: the rotary dims are the *last* `qk_rope_head_dim` dims of the indexer head (hy_v4).
         indexer_query: "q_lora" (wq_b of the attention's q-LoRA residual) or "hidden" (wq_b of
             q_input_norm(hidden), then the per-position softmax scaling: mistral_large4, no q-LoRA).
         indexer_scale_in_weights: the indexer folds softmax_scale into the head weights (hy_v4), not the scores.
+        indexer_scorer: attribute of the indexer that scores (q, keys, hidden_states); where set, the kernel path
+            reads the projections at its inputs (`wiring.scorer_projections`; deepseek_v4: "scorer") instead of
+            recomputing them from the indexer's weights.
         sparse_attention_kernel: our sparse-attention kernel may replace the family's attention (False where that
             attention does more than softmax over the selected keys, e.g. hy_v4's learned attention sinks).
         hidden_streams: config attribute n when layers carry hyper-connection streams: the hidden state between
@@ -42,26 +47,37 @@ class DsaArchitecture:
             prefix cache keeps what it holds when each layer starts.
         inputs_by_layer_type: layers take their mask and rotary table by `config.layer_types` (dots3_note:
             "sliding_attention" layers a sliding-window mask), built once per type as the model's forward does.
+        rotary_labels: every layer takes all these rotary tables as a {label: (cos, sin)} dict and picks its own
+            (deepseek_v4: "main", "compress"); () for one table.
+        token_id_inputs: names under which every layer also takes the window's token ids [B, S] (deepseek_v4's
+            hash-routed MoE layers route by "input_ids"; qwen4_exp's per-layer embeddings read "ple_input_ids").
         fp32_rotary_layer_types: layer types whose rotary table the model computes from fp32 embeddings.
         logit_softcap: attribute of the loaded model with the final logit soft-capping value (tanh), if any.
         pattern_keys: the config keys `apply` writes: those the family's readers (transformers, serving engines)
-            take a pattern from. `indexer_types` is always among them; `use_index_cache` (true) is vLLM's switch
-            for IndexCache on DSA models (docs.vllm.ai, features/index_cache).
+            take a pattern from (`indexer_types` for every family whose transformers code has it);
+            `use_index_cache` (true) is vLLM's switch for IndexCache on DSA models (docs.vllm.ai,
+            features/index_cache).
         honours_pattern: stock transformers builds S layers from these keys (else only engines and our patch do).
         dsa_layers: (config attribute, value) marking the layers with sparse attention where only some have it
             (minimax_m3_vl: `layer_types` == "minimax_m3_sparse"); the patch leaves the other layers alone.
             None: every layer is a DSA layer, and one built without an indexer is an S layer.
         indexer_kernel: the Triton indexer computes what this family's indexer selects (False: block-level or
             other selections; the reference path runs, also on CUDA).
-        checkpoint_indexer_key: the indexer's weight prefix in a checkpoint whose tensor names differ from the
-            module path (transformers renames them on load), as a format string of `layer`; None when they agree.
+        checkpoint_indexer_keys: the indexer's weight prefixes in checkpoints whose tensor names differ from the
+            module path (transformers renames them on load), as format strings of `layer`; () when they agree.
+        entry_tokens: (config attribute, key) of the number of tokens one selectable entry pools, where the
+            indexer selects compressed entries rather than tokens (deepseek_v4: `compress_rates`
+            ["compressed_sparse_attention"], 4); query t then sees entries j < (t + 1) // ratio. None: tokens.
+        index_bytes: bytes of one selected index in the buffer S layers reuse (int32 4; deepseek_v4's int64 8).
+        pattern_per_indexer_layer: the readers take `index_topk_pattern` with one letter per indexer layer
+            (vLLM's and SGLang's DeepSeek-V4 schema), and `index_topk_freq` for a uniform pattern.
+        distill_refusal: why `indexcache distill` cannot train this family's indexers (one line), or None.
         rotary: the base model has a `rotary_emb` whose table layers take (False: NoPE, glm5_next; layers get None).
         rotary_position_axes: n when the rotary embedding takes [n, B, S] position ids (qwen4_exp's mRoPE; a text
             window gives every axis the same positions); None for [1, S].
-        layer_mask: the mask layers take: "causal" (the model's causal mask) or "token_valid" (a bool [B, S] of
-            real tokens, all True for unpadded windows: glm5_next, whose indexer and attention apply causality).
-        token_ids_input: layers also take the window's token ids under this name (qwen4_exp's per-layer
-            embeddings: `ple_input_ids`).
+        layer_mask: the mask layers take: "causal" (the model's causal mask), "sliding" (the sliding-window causal
+            mask: deepseek_v4) or "token_valid" (a bool [B, S] of real tokens, all True for unpadded windows:
+            glm5_next, whose indexer and attention apply causality).
         flat_streams: the hyper-connection streams lie side by side, [B, S, n·H] (qwen4_exp), not [B, S, n, H].
         final_norm: base-model submodule applied after `streams_head` (None: the head is the last step, qwen4_exp).
         selection: what an F layer's indexer selects: "tokens" (top-k keys), "kpool" (glm5_next: top pools of
@@ -84,26 +100,33 @@ class DsaArchitecture:
     layers_path: tuple[str, ...] = ("model", "layers")
     attention_attr: str = "self_attn"
     indexer_attr: str = "indexer"
+    indexer_parent: str | None = None
     auto_class: str = "AutoModelForCausalLM"
     indexer_rope_at_end: bool = False
     indexer_query: str = "q_lora"
     indexer_scale_in_weights: bool = False
+    indexer_scorer: str | None = None
     sparse_attention_kernel: bool = True
     hidden_streams: str | None = None
     streams_head: str | None = None
     shared_state: str | None = None
     inputs_by_layer_type: bool = False
     fp32_rotary_layer_types: tuple[str, ...] = ()
+    rotary_labels: tuple[str, ...] = ()
+    token_id_inputs: tuple[str, ...] = ()
     logit_softcap: str | None = None
     pattern_keys: tuple[str, ...] = ("index_topk_pattern", "indexer_types")
     honours_pattern: bool = False
     dsa_layers: tuple[str, str] | None = None
     indexer_kernel: bool = True
-    checkpoint_indexer_key: str | None = None
+    checkpoint_indexer_keys: tuple[str, ...] = ()
+    entry_tokens: tuple[str, str] | None = None
+    index_bytes: int = 4
+    pattern_per_indexer_layer: bool = False
+    distill_refusal: str | None = None
     rotary: bool = True
     rotary_position_axes: int | None = None
     layer_mask: str = "causal"
-    token_ids_input: str | None = None
     flat_streams: bool = False
     final_norm: str | None = "norm"
     selection: str = "tokens"
@@ -136,6 +159,24 @@ class DsaArchitecture:
             return topk
         return topk + getattr(text_config, self.pool_attr) - 1
 
+    def indexer_owner(self, layer: nn.Module) -> nn.Module | None:
+        """The module whose `indexer_attr` holds the layer's indexer (None where the layer has no such parent,
+        e.g. deepseek_v4's sliding-window layers, whose compressor is None)."""
+        attention = self.attention(layer)
+        return attention if self.indexer_parent is None else getattr(attention, self.indexer_parent, None)
+
+    def indexer(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's indexer module, or None where it has none."""
+        owner = self.indexer_owner(layer)
+        return None if owner is None else getattr(owner, self.indexer_attr, None)
+
+    def tokens_per_entry(self, text_config) -> int:
+        """Tokens pooled into one selectable entry (1 where the indexer selects tokens)."""
+        if self.entry_tokens is None:
+            return 1
+        attribute, key = self.entry_tokens
+        return int(getattr(text_config, attribute)[key])
+
     def dsa_layer_ids(self, text_config) -> list[int]:
         """The indexer layers: those built with an indexer in this architecture (read from the text config, so
         known before any weight loads). Patterns are made over them: the first is always F, `--ratio` counts them,
@@ -152,11 +193,12 @@ class DsaArchitecture:
 
     def indexer_weight_prefix(self, layer_idx: int) -> str:
         """State-dict prefix of one layer's indexer weights, e.g. `model.layers.3.self_attn.indexer.`."""
-        return ".".join((*self.layers_path, str(layer_idx), self.attention_attr, self.indexer_attr)) + "."
+        parent = () if self.indexer_parent is None else (self.indexer_parent,)
+        return ".".join((*self.layers_path, str(layer_idx), self.attention_attr, *parent, self.indexer_attr)) + "."
 
     def checkpoint_indexer_prefixes(self, layer_idx: int) -> tuple[str, ...]:
         """Tensor-name prefixes under which a checkpoint may store one layer's indexer weights."""
-        native = () if self.checkpoint_indexer_key is None else (self.checkpoint_indexer_key.format(layer=layer_idx),)
+        native = tuple(key.format(layer=layer_idx) for key in self.checkpoint_indexer_keys)
         return (self.indexer_weight_prefix(layer_idx), *native)
 
     def pattern_note(self, pattern: str, indexer_layers: list[int]) -> str | None:

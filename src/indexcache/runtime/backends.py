@@ -20,9 +20,10 @@ CHOICES = ("auto", "triton", "reference")
 
 
 def select_backend(
-    arch: DsaArchitecture, device: torch.device, choice: str = "auto", seq_len: int | None = None
+    arch: DsaArchitecture, device: torch.device, choice: str = "auto", seq_len: int | None = None, ratio: int = 1
 ) -> tuple[str, IndexerFn, str | None]:
-    """Returns (name, indexer_fn, attn_implementation) for `index_sharing`.
+    """Returns (name, indexer_fn, attn_implementation) for `index_sharing`; `ratio`: tokens per selectable entry
+    (`DsaArchitecture.tokens_per_entry`).
 
     `auto` takes the Triton kernels on CUDA for windows of at least `defaults.TRITON_MIN_SEQ_LEN` tokens (or
     when `seq_len` is unknown), stock transformers with sdpa ("sdpa") for shorter windows on CUDA, where it was
@@ -48,7 +49,7 @@ def select_backend(
     from ..kernels import wiring
 
     attn = wiring.register_sparse_attention() if arch.sparse_attention_kernel else arch.kernel_attention
-    kernels = {"tokens": kernel_indexer(arch), "kpool": kpool_kernel, "qsa_blocks": qsa_kernel}
+    kernels = {"tokens": kernel_indexer(arch, ratio), "kpool": kpool_kernel, "qsa_blocks": qsa_kernel}
     return "triton", kernels[arch.selection], attn
 
 
@@ -57,6 +58,8 @@ def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
     arguments the family's attention passed its indexer (bound to the indexer's own argument names)."""
     from ..kernels import wiring
 
+    if arch.indexer_scorer is not None:
+        return wiring.scorer_projections(indexer, arch.indexer_scorer, *args, **kwargs)
     call = inspect.signature(indexer.forward).bind(*args, **kwargs).arguments
     return wiring.indexer_projections(
         indexer,
@@ -71,8 +74,8 @@ def indexer_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
 
 
 def scoring_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -> tuple:
-    """(q, keys, weights, score scale, tokens per key) of one indexer call: `indexer_inputs` with one token per key,
-    or a pooled indexer's pool keys (`pooled.py`)."""
+    """(q, keys, weights, score scale, tokens per key) of one indexer call: `indexer_inputs` with one token per key
+    (or per compressed entry, whose ratio the caller knows), or a pooled indexer's pool keys (`pooled.py`)."""
     if arch.selection == "kpool":
         return kpool_projections(indexer, *args, **kwargs)
     if arch.selection == "qsa_blocks":
@@ -80,14 +83,18 @@ def scoring_inputs(arch: DsaArchitecture, indexer: nn.Module, *args, **kwargs) -
     return (*indexer_inputs(arch, indexer, *args, **kwargs), 1)
 
 
-def kernel_indexer(arch: DsaArchitecture) -> IndexerFn:
-    """An F layer's top-k through the indexer kernel, for `index_sharing`."""
+def kernel_indexer(arch: DsaArchitecture, ratio: int = 1) -> IndexerFn:
+    """An F layer's top-k through the indexer kernel, for `index_sharing` (`ratio` tokens per selectable entry)."""
     from ..kernels.indexer import lightning_indexer_topk
 
     @torch.no_grad()
     def triton_indexer(indexer, *args, **kwargs):
         q, k, weights, scale = indexer_inputs(arch, indexer, *args, **kwargs)
-        indices = lightning_indexer_topk(q, k, weights, indexer.index_topk, scale)
+        indices = lightning_indexer_topk(q, k, weights, indexer.index_topk, scale, ratio=ratio)
+        if ratio > 1:
+            # Compressed entries (deepseek_v4): the stock layout, int64 [B, S, min(top-k, T)] with -1 for entries a
+            # query cannot see yet, which the family's own compressor reads. Each row's picks come first.
+            return indices[..., : k.shape[1]].long()
         if arch.sparse_attention_kernel:
             return indices
         # The family's own attention scatters the indices into a mask, which cannot take the kernel's -1. Only a
@@ -114,7 +121,8 @@ def kernels_installed(
 
     `wrap_indexer` (e.g. `analyze`'s recorder) receives the chosen indexer function and returns the one F layers call.
     """
-    name, indexer_fn, attn = select_backend(arch, device, choice, seq_len)
+    ratio = arch.tokens_per_entry(arch.base_model(model).config)
+    name, indexer_fn, attn = select_backend(arch, device, choice, seq_len, ratio)
     if wrap_indexer is not None:
         indexer_fn = wrap_indexer(indexer_fn)
     with (

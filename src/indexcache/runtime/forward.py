@@ -35,7 +35,8 @@ class LayerInputs:
             mask of `layer_mask="token_valid"`; by layer type where layers differ (dots3_note's sliding-window
             layers).
         layer_types: each layer's key into the two dicts above, or None when every layer takes the same.
-        extra: further keyword inputs of every layer (qwen4_exp's `ple_input_ids`: the token ids [B, S]).
+        extra: the window's token ids [B, S] under each name in `arch.token_id_inputs` (deepseek_v4's hash-routed
+            MoE reads `input_ids`, qwen4_exp's per-layer embeddings `ple_input_ids`).
     """
 
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]] | None
@@ -98,24 +99,31 @@ class LayerwiseModel:
         else:
             mask = self._layer_mask(hidden, position_ids)
             inputs = LayerInputs(self._rotary(hidden, position_ids), position_ids, mask)
-        if self.arch.token_ids_input:
-            inputs.extra[self.arch.token_ids_input] = input_ids
+        inputs.extra = {name: input_ids for name in self.arch.token_id_inputs}
         if self.streams:
             hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1)
             hidden = (hidden.flatten(2) if self.arch.flat_streams else hidden).contiguous()
         return hidden, inputs
 
-    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """None (no positional encoding), one (cos, sin) table, or {label: (cos, sin)} for the adapter's
+        `rotary_labels` (layers pick theirs)."""
         if not self.arch.rotary:
             return None
         axes = self.arch.rotary_position_axes
         positions = position_ids if axes is None else position_ids[None].expand(axes, hidden.shape[0], -1)
-        return self.base.rotary_emb(hidden, position_ids=positions)
+        if not self.arch.rotary_labels:
+            return self.base.rotary_emb(hidden, position_ids=positions)
+        return {
+            label: self.base.rotary_emb(hidden, position_ids=positions, layer_type=label)
+            for label in self.arch.rotary_labels
+        }
 
     def _layer_mask(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
         if self.arch.layer_mask == "token_valid":  # unpadded windows: every token is real
             return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        return self._mask(create_causal_mask, hidden, position_ids)
+        mask_fn = create_sliding_window_causal_mask if self.arch.layer_mask == "sliding" else create_causal_mask
+        return self._mask(mask_fn, hidden, position_ids)
 
     def _mask(self, mask_fn, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
         return mask_fn(

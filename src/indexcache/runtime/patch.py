@@ -112,7 +112,7 @@ def reference_selection(arch: DsaArchitecture) -> IndexerFn:
 
 def indexer_layers(model: nn.Module, arch: DsaArchitecture) -> list[int]:
     """Layers whose attention carries an indexer module (and so can be F)."""
-    return [i for i, layer in enumerate(arch.layers(model)) if getattr(arch.attention(layer), arch.indexer_attr, None)]
+    return [i for i, layer in enumerate(arch.layers(model)) if arch.indexer(layer) is not None]
 
 
 @contextmanager
@@ -153,15 +153,15 @@ def index_sharing(
     for i, layer in enumerate(layers):
         if not arch.is_dsa_layer(model, i):
             continue  # dense attention: no indexer to run or to stand in for
-        attn = arch.attention(layer)
-        was_module = arch.indexer_attr in attn._modules
-        inner = getattr(attn, arch.indexer_attr, None)
-        originals.append((attn, inner, was_module))
+        owner = arch.indexer_owner(layer)  # the attention, or the module inside it that holds the indexer
+        was_module = arch.indexer_attr in owner._modules
+        inner = getattr(owner, arch.indexer_attr, None)
+        originals.append((owner, inner, was_module))
         if not was_module:
             # glm_moe_dsa stores `indexer = None` on layers built as shared; make room for a submodule.
-            del attn.__dict__[arch.indexer_attr]
+            del owner.__dict__[arch.indexer_attr]
         setattr(
-            attn, arch.indexer_attr, _IndexerSwitch(i, inner, state, indexer_fn or reference_selection(arch), output)
+            owner, arch.indexer_attr, _IndexerSwitch(i, inner, state, indexer_fn or reference_selection(arch), output)
         )
     previous_attn = model.config._attn_implementation
     try:
@@ -171,10 +171,10 @@ def index_sharing(
     finally:
         if attn_implementation is not None:
             model.set_attn_implementation(previous_attn)
-        for attn, inner, was_module in originals:
+        for owner, inner, was_module in originals:
             if was_module:
-                setattr(attn, arch.indexer_attr, inner)
+                setattr(owner, arch.indexer_attr, inner)
             else:
-                del attn._modules[arch.indexer_attr]
-                attn.__dict__[arch.indexer_attr] = inner
+                del owner._modules[arch.indexer_attr]
+                owner.__dict__[arch.indexer_attr] = inner
         state.buffer = None

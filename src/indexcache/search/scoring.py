@@ -240,11 +240,13 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
 
 def cache_bytes_per_layer(lw: LayerwiseModel, windows: torch.Tensor) -> int:
     """Bytes one kept layer costs the cache over all windows: its input hidden states [N, L, D] and, at worst
-    (every layer F, as at the start), its own top-k index buffer [N, L, k] int32."""
+    (every layer F, as at the start), its own top-k index buffer [N, L, k] (int32; deepseek_v4's int64 entry ids,
+    at most L / 4 of them: `arch.index_bytes`, `arch.tokens_per_entry`)."""
     itemsize = lw.base.embed_tokens.weight.element_size()
-    topk = min(lw.arch.keys_kept(lw.base.config) or 0, windows.shape[1])
+    selectable = windows.shape[1] // lw.arch.tokens_per_entry(lw.base.config)
+    topk = min(lw.arch.keys_kept(lw.base.config) or 0, selectable)
     # hidden values per token: × hyper-connection streams where the family has them
-    return windows.numel() * (lw.hidden_values_per_token * itemsize + topk * torch.int32.itemsize)
+    return windows.numel() * (lw.hidden_values_per_token * itemsize + topk * lw.arch.index_bytes)
 
 
 def device_free_bytes(device: torch.device) -> int:
