@@ -1,5 +1,6 @@
-"""Helpers shared by the kernel tests and `scripts/bench_kernels.py`: running the kernels on the CPU, poisoned
-outputs, random index rows, the selection check, and a transformers model wired to the kernels."""
+"""Helpers shared by the kernel tests and `scripts/bench_kernels.py`: the device the kernels run on (the CPU through
+Triton's interpreter when there is no GPU), poisoned outputs, random index rows, the selection check, and a
+transformers model wired to the kernels."""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ def use_triton_interpreter() -> None:
     for name in _KERNEL_MODULES:
         if name in sys.modules:
             importlib.reload(sys.modules[name])
+
+
+def kernel_device() -> torch.device:
+    """Where the kernel and model tests put their tensors: the GPU when there is one (the kernels compiled),
+    else the CPU with the kernels under Triton's interpreter (turned on here, before the caller imports them)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    use_triton_interpreter()
+    return torch.device("cpu")
 
 
 @contextmanager

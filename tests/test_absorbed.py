@@ -1,5 +1,6 @@
 """Absorbed MLA attention inside the patched model: tiny GLM-MoE-DSA and DeepSeek-V3.2 (fp32) reproduce the stock
-losses for several F/S patterns, on the reference kernels and on the Triton kernels (CPU interpreter); an FP8
+losses for several F/S patterns, on the reference kernels and on the Triton kernels (compiled on a GPU, the
+interpreter on the CPU); an FP8
 block-quantised kv_b_proj is dequantised exactly; `--kernels auto` picks by window length; everything is restored."""
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 from transformers.integrations.finegrained_fp8 import FP8Linear
 
-from indexcache.kernels.testing import use_triton_interpreter
+from indexcache.kernels.testing import kernel_device
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache import defaults  # noqa: E402
 from indexcache.kernels import wiring  # noqa: E402
@@ -61,10 +61,10 @@ def _model(arch: str, seed: int = 0, **overrides):
     kwargs.update(overrides)
     config = config_cls(**kwargs)
     config._attn_implementation = "eager"
-    return model_cls(config).eval()
+    return model_cls(config).eval().to(DEVICE)
 
 
-IDS = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 
 def _layerwise_loss(model, arch) -> float:
@@ -81,7 +81,7 @@ def _reference_loss(model, arch, pattern: str) -> float:
     if arch.model_type == "glm_moe_dsa":
         config = model.config.to_dict() | {"index_topk_pattern": pattern}
         config.pop("indexer_types", None)
-        stock = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**config)).eval()
+        stock = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**config)).eval().to(DEVICE)
         stock.config._attn_implementation = "eager"
         missing, _ = stock.load_state_dict(model.state_dict(), strict=False)
         assert not missing
@@ -172,7 +172,7 @@ def test_fp8_kv_b_proj_is_absorbed_as_its_dequantised_weight():
     model = _model("glm_moe_dsa")
     fp8_model = _model("glm_moe_dsa")
     for layer, fp8_layer in zip(model.model.layers, fp8_model.model.layers, strict=True):
-        fp8 = _fp8_quantised(layer.self_attn.kv_b_proj.weight.detach(), (16, 16))
+        fp8 = _fp8_quantised(layer.self_attn.kv_b_proj.weight.detach().cpu(), (16, 16)).to(DEVICE)
         fp8_layer.self_attn.kv_b_proj = fp8
         layer.self_attn.kv_b_proj.weight.data.copy_(dense_weight(fp8))
         absorbed = AbsorbedWeights.of(fp8_layer.self_attn)
@@ -205,7 +205,7 @@ def test_stock_glm_shared_layers_take_the_previous_layers_indices():
     model = _model("glm_moe_dsa")
     config = model.config.to_dict() | {"index_topk_pattern": "FSFS"}
     config.pop("indexer_types", None)
-    stock = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**config)).eval()
+    stock = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**config)).eval().to(DEVICE)
     stock.config._attn_implementation = "eager"
     stock.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_tables import fits
 from typer.testing import CliRunner
 
 from indexcache.cli.app import app
@@ -64,9 +65,10 @@ def test_pattern_for_another_depth_is_refused(tmp_path, glm_checkpoint):
     assert "3 layers" in one_error_line(invoke(pattern, "--model", glm_checkpoint, "--device", "cpu"))
 
 
-def test_smoke_rows_on_the_reference_path(tmp_path, glm_checkpoint):
-    """6-layer checkpoint, 3 layers timed: F and S costs measured and combined per pattern."""
+def test_smoke_rows_on_the_reference_path(tmp_path, glm_checkpoint, monkeypatch):
+    """6-layer checkpoint, 3 layers timed: F and S costs measured and combined per pattern; the table in a pipe."""
     out = tmp_path / "rows.json"
+    monkeypatch.setenv("COLUMNS", "80")
     result = invoke(
         "--model", glm_checkpoint, "--device", "cpu", "--context", "24,32", "--layers", "3", "--reps", "1",
         "--ratio", "0.5", "--json", out,
@@ -84,5 +86,14 @@ def test_smoke_rows_on_the_reference_path(tmp_path, glm_checkpoint):
         assert set(r["split_ms_per_layer"]) == {"indexer", "attention", "rest"}
         assert sum(r["split_ms_per_layer"].values()) == pytest.approx(r["ms_per_layer"])
     assert rows[1]["pattern"] == uniform(6, 3)
+    assert fits(result.stdout)
+    for r in rows:
+        for cell in (
+            f"{r['context']:,}",
+            r["name"],
+            f"{r['speedup_vs_all_f']:.2f}×",
+            f"{r['projected_prefill_s']:.2f} s",
+        ):
+            assert cell in result.stdout
     assert rows[0]["speedup_vs_all_f"] == 1.0
     assert rows[1]["speedup_vs_all_f"] == pytest.approx(rows[0]["projected_prefill_s"] / rows[1]["projected_prefill_s"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tables import fits
 from typer.testing import CliRunner
 
 from indexcache import api
@@ -117,10 +118,12 @@ def test_search_writes_a_complete_pattern_file(searched, glm_checkpoint, text_fi
     assert pattern in searched.stdout and str(searched.path) in searched.stdout
 
 
-def test_eval_compares_pattern_all_full_and_uniform(searched, tmp_path):
+def test_eval_compares_pattern_all_full_and_uniform(searched, tmp_path, monkeypatch):
     json_path = tmp_path / "eval.json"
+    monkeypatch.setenv("COLUMNS", "80")  # what a pipe gets
     result = invoke("eval", searched.path, "--json", json_path, "--device", "cpu")
     assert result.exit_code == 0, result.output
+    assert fits(result.stdout)
 
     rows = {row["name"]: row for row in json.loads(json_path.read_text())["results"]}
     assert rows.keys() == {"pattern", "all-F", "uniform"}

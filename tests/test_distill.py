@@ -181,19 +181,31 @@ def test_output_loads_in_stock_transformers_and_reproduces_the_patched_loss(dist
     assert before != pytest.approx(ours, rel=1e-6)  # the trained indexers do select differently
 
 
-def test_eval_runs_unchanged_on_the_output(distilled, tmp_path):
+def test_eval_of_the_output_compares_with_the_source(distilled, glm_checkpoint, tmp_path):
+    """`eval OUT/indexcache_pattern.json`: the distilled pattern, the same pattern on the source checkpoint and the
+    source's all-F, on the same windows — the rows a plain eval of the input pattern gives on the source."""
     rows = _token_rows(tmp_path, 2, seed=7)
-    result = invoke(
-        "eval", distilled / "indexcache_pattern.json", "--dataset", rows,
-        "--num-samples", 2, "--seq-len", SEQ, "--device", "cpu", "--json", tmp_path / "e.json",
-    )  # fmt: skip
+    options = ("--dataset", rows, "--num-samples", 2, "--seq-len", SEQ, "--device", "cpu")
+    result = invoke("eval", distilled / "indexcache_pattern.json", *options, "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.output
-    assert "differs" not in result.output  # the pattern file names the output folder and its config
+    assert "differs" not in result.output  # the pattern file names the output folder, its config and its source
     evaluated = json.loads((tmp_path / "e.json").read_text())
     assert evaluated["model"] == str(distilled.resolve())
-    rows = {r["name"]: r for r in evaluated["results"]}
-    # Only F layers have indexers in the output, so its "all-F" is the pattern itself.
-    assert rows["all-F"]["pattern"] == PATTERN and rows["pattern"]["loss"] == rows["all-F"]["loss"]
+    assert evaluated["source_model"] == str(glm_checkpoint.resolve())
+    got = {r["name"]: r for r in evaluated["results"]}
+    assert list(got) == ["distilled", "undistilled", "source all-F"]
+    assert got["distilled"]["pattern"] == got["undistilled"]["pattern"] == PATTERN
+    assert got["source all-F"]["pattern"] == "F" * len(PATTERN)
+    for name in got:
+        assert name in result.output
+        assert got[name]["delta_vs_all_full"] == got[name]["loss"] - got["source all-F"]["loss"]
+
+    plain = invoke("eval", distilled.parent / "pattern.json", *options, "--json", tmp_path / "source.json")
+    assert plain.exit_code == 0, plain.output
+    source = {r["name"]: r["loss"] for r in json.loads((tmp_path / "source.json").read_text())["results"]}
+    assert got["undistilled"]["loss"] == source["pattern"]
+    assert got["source all-F"]["loss"] == source["all-F"]
+    assert got["distilled"]["loss"] != pytest.approx(got["undistilled"]["loss"], rel=1e-6)  # trained indexers
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(distilled, glm_checkpoint, tmp_path):

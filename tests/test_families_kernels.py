@@ -1,17 +1,16 @@
 """The product kernel path (`select_backend` → `index_sharing`) on the new families: axk2 (DeepSeek-V3.2's layout),
 hy_v4 (rotary dims at the end of the head, half-split RoPE, fp32 k_norm, softmax_scale folded into the weights;
 stock attention because of its sinks) and mistral_large4 (no q-LoRA, per-position query scaling, NoPE
-layers, sparse-attention kernel). Triton runs under TRITON_INTERPRET=1 on the CPU."""
+layers, sparse-attention kernel). Triton runs compiled on a GPU, under TRITON_INTERPRET=1 on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from indexcache.kernels.testing import use_triton_interpreter
+from indexcache.kernels.testing import kernel_device
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache.errors import IndexCacheError  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
@@ -41,7 +40,7 @@ LOSS_RTOL = 1e-5
 
 def _loss(model, arch, pattern: str, ids: torch.Tensor, backend: str) -> float:
     lw = LayerwiseModel(model, arch)
-    name, indexer_fn, attn = select_backend(arch, torch.device("cuda"), backend)  # the CUDA choice, run on the CPU
+    name, indexer_fn, attn = select_backend(arch, torch.device("cuda"), backend)  # the CUDA choice, on any device
     with torch.no_grad(), index_sharing(model, arch, pattern, indexer_fn, attn), forced(backend):
         hidden, inputs = lw.embed(ids)
         hidden = lw.run_layers(hidden, inputs, 0, lw.num_layers)
@@ -52,10 +51,10 @@ def _loss(model, arch, pattern: str, ids: torch.Tensor, backend: str) -> float:
 def test_kernel_path_reproduces_reference_loss(family):
     """For mistral_large4 an F layer that is NoPE (layer 2) and KV-sharing layers; for dots3_note_text the stock
     attention of sliding-window layers between the DSA layers."""
-    model = BUILDERS[family](seed=1, **INDEXER)
+    model = BUILDERS[family](seed=1, **INDEXER).to(DEVICE)
     arch = architecture_for(family)
     pattern = PATTERNS[family]
-    ids = random_ids(1, 32, seed=3)
+    ids = random_ids(1, 32, seed=3).to(DEVICE)
     reference = _loss(model, arch, pattern, ids, "reference")
     assert _loss(model, arch, pattern, ids, "triton") == pytest.approx(reference, rel=LOSS_RTOL)
 

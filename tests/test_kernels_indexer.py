@@ -5,16 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexcache.kernels.testing import assert_selection_ok, poisoned_empty, selection_report, use_triton_interpreter
+from indexcache.kernels.testing import assert_selection_ok, kernel_device, poisoned_empty, selection_report
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache.kernels.indexer import lightning_indexer_topk_reference  # noqa: E402
 from indexcache.kernels.indexer.kernel import lightning_indexer_topk_triton  # noqa: E402
 from indexcache.kernels.indexer.reference import index_scores_reference  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small tiles so that the CPU cases cross many tile, chunk and pass boundaries. A bucket cap of 4 sends the
 # selection's near-tie bucket back to the row instead of the scratch row (the path for heavily tied scores).
 SMALL_TILES = dict(block_m=16, block_n=32, select_block=64, select_warps=1, num_warps=1, num_stages=1)

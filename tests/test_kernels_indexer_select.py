@@ -6,14 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexcache.kernels.testing import poisoned_empty, use_triton_interpreter
+from indexcache.kernels.testing import kernel_device, poisoned_empty
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache.kernels.indexer.kernel import topk_of_scores_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small blocks so rows cross many blocks; a sample of 2 keys in 8 gives a bracket of a few dozen keys at k = 16.
 SMALL = dict(select_block=64, select_warps=1, sample_run=2, sample_stride=8)
 

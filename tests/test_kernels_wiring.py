@@ -8,10 +8,9 @@ import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from indexcache.kernels.testing import use_triton_interpreter, wired_model
+from indexcache.kernels.testing import kernel_device, wired_model
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache.kernels import wiring  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
@@ -50,7 +49,7 @@ def _model(arch: str, seed: int = 0):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     config._attn_implementation = "eager"
-    return model_cls(config).eval()
+    return model_cls(config).eval().to(DEVICE)
 
 
 def _loss(model, ids) -> float:
@@ -62,7 +61,7 @@ def _loss(model, ids) -> float:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_wired_model_reproduces_stock_loss(arch, backend):
     model = _model(arch)
-    ids = torch.randint(0, 128, (2, 45), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     stock = _loss(model, ids)
     with wired_model(model, ARCHS[arch][2]), forced(backend):
         assert model.config._attn_implementation == wiring.ATTN_IMPLEMENTATION
@@ -74,7 +73,8 @@ def test_wired_model_reproduces_stock_loss(arch, backend):
 def _most_recent(indexer, rope, hidden_states, q_resid, position_embeddings, topk):
     """A valid but wrong selection: the `topk` most recent keys."""
     batch, seq_len, _ = hidden_states.shape
-    idx = torch.arange(seq_len)[:, None] - torch.arange(topk)[None, :]
+    device = hidden_states.device
+    idx = torch.arange(seq_len, device=device)[:, None] - torch.arange(topk, device=device)[None, :]
     return torch.where(idx >= 0, idx, -1).to(torch.int32).expand(batch, -1, -1)
 
 
@@ -82,7 +82,7 @@ def _most_recent(indexer, rope, hidden_states, q_resid, position_embeddings, top
 def test_loss_sees_the_selection(arch):
     """The loss comparison above can fail: another selection moves the loss far beyond its tolerance."""
     model = _model(arch)
-    ids = torch.randint(0, 128, (2, 45), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     stock = _loss(model, ids)
     with wired_model(model, ARCHS[arch][2], select=_most_recent), forced("reference"):
         assert abs(_loss(model, ids) - stock) > 1e2 * LOSS_RTOL * stock

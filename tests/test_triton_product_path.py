@@ -1,17 +1,16 @@
-"""The product's Triton path end to end on the CPU (TRITON_INTERPRET=1): the backend `auto` picks for a CUDA
-device, the F/S patch with the kernel indexer and the registered sparse attention, S layers reusing the previous
-F layer's −1-padded indices, and cached restarts (every:2) in a greedy search, on a tiny model with MoE layers.
-It must find the reference path's pattern with the same losses."""
+"""The product's Triton path end to end (compiled on a GPU; on the CPU under TRITON_INTERPRET=1): the backend
+`auto` picks for a CUDA device, the F/S patch with the kernel indexer and the registered sparse attention, S layers
+reusing the previous F layer's −1-padded indices, and cached restarts (every:2) in a greedy search, on a tiny model
+with MoE layers. It must find the reference path's pattern with the same losses."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from indexcache.kernels.testing import use_triton_interpreter
+from indexcache.kernels.testing import kernel_device
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.kernels.indexer import kernel as indexer_kernel  # noqa: E402
@@ -33,13 +32,14 @@ LAYERS, TOPK, SEQ_LEN = 4, 8, 16  # positions 0..6 see fewer than 8 keys: their 
 LOSS_RTOL = 1e-6
 
 
-def _search(device: torch.device, kernel_calls: dict | None = None):
+def _search(picked_for: torch.device):
     model = glm_model(seed=2, num_layers=LAYERS, index_topk=TOPK, index_n_heads=8, index_head_dim=32)  # 2, 3: MoE
-    name, indexer_fn, attention = select_backend(ARCH, device, "auto")
+    model.to(DEVICE)  # both runs where the kernels run; only the backend `auto` picks differs
+    name, indexer_fn, attention = select_backend(ARCH, picked_for, "auto")
     lw = LayerwiseModel(model, ARCH)
     with (
         torch.inference_mode(),
-        forced("triton" if name == "triton" else "reference"),  # CPU tensors take the kernels when triton
+        forced("triton" if name == "triton" else "reference"),  # on the CPU: the kernels under the interpreter
         index_sharing(model, ARCH, None, indexer_fn, attention) as sharing,
     ):
         scorer = CachedScorer(lw, sharing, random_ids(2, SEQ_LEN, seed=2), 2, CachePlan("device", 2, 2.0))

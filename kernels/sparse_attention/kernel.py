@@ -145,6 +145,7 @@ def _sparse_mla_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The query heads come in through tensor descriptors over [B·S·H, D] (TMA into shared memory, where the
     tensor cores read them); the latent rows are gathered with per-row pointers."""
@@ -197,13 +198,15 @@ def _sparse_mla_kernel(
         if UPCAST_DOT:
             kc = kc.to(tl.float32)
             kr = kr.to(tl.float32)
-        scores = tl.dot(qc, tl.trans(kc)) + tl.dot(qr, tl.trans(kr))
+        scores = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION) + tl.dot(
+            qr, tl.trans(kr), input_precision=DOT_PRECISION
+        )
         scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc, input_precision=DOT_PRECISION)
         m_i = m_new
         idx = idx_next
 
@@ -369,6 +372,8 @@ def sparse_mla_attention_triton(
         BLOCK_H=block_h,
         BLOCK_K=block_k,
         UPCAST_DOT=interpreting(),
+        # fp32 in, fp32 products, as in the indexer kernel: tf32 keeps 10 mantissa bits, too few for fp32 checks.
+        DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
     )

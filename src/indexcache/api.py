@@ -275,6 +275,36 @@ def _named_patterns(data: dict, indexer_layers: list[int]) -> list[tuple[str, st
     ]
 
 
+def _held_out_losses(checkpoint, windows, named, batch_size, kernels, dtype, device, device_map, max_memory):
+    """Loads `checkpoint` and scores `named(indexer layers)` — (row name, pattern) pairs — on `windows`.
+
+    Returns (model name, rows); the weights are released on return, so a second model can load after."""
+    loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
+    rows = []
+    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
+        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label)
+        for name, pattern in named(loaded.indexer_layers):
+            rows.append(
+                {"name": name, "pattern": pattern, "num_full": len(full_layers(pattern)), "loss": scorer.loss(pattern)}
+            )
+    return loaded.name, rows
+
+
+def _source_checkpoint(data_file: dict, distilled: Checkpoint, log) -> Checkpoint:
+    """The checkpoint a distilled folder was trained from (`distilled_from`), checked against the distilled one."""
+    source = data_file["distilled_from"]
+    name = source.get("name")
+    checkpoint = open_checkpoint(None if str(name).startswith("embedded:") else name)
+    if (checkpoint.arch.model_type, checkpoint.num_layers) != (distilled.arch.model_type, distilled.num_layers):
+        raise IndexCacheError(
+            f"the source checkpoint {checkpoint.name} ({checkpoint.arch.model_type}, {checkpoint.num_layers} layers) "
+            f"is not the model {distilled.name} was distilled from"
+        )
+    if source.get("config_sha256") not in (None, checkpoint.config_sha256):
+        log(f"note: the source model's config.json differs from the one {distilled.name} was distilled from")
+    return checkpoint
+
+
 def _held_out_data(data_file: dict, pattern_path, num_samples, seq_len, seed) -> tuple[DataSpec, int]:
     """The pattern's calibration source, and the offset of the first window after its calibration windows.
 
@@ -315,7 +345,9 @@ def evaluate(
     seed: int | None = None,
     max_memory: dict | None = None,
 ) -> list[dict]:
-    """Held-out loss of the pattern, of all-F and of the uniform interleave with the same F count.
+    """Held-out loss of the pattern, of all-F and of the uniform interleave with the same F count. For the pattern
+    file of a distilled folder (`distilled_from`): the distilled pattern, the same pattern `undistilled` on the
+    source checkpoint and the `source all-F`, all on the same windows; Δ is then against the source's all-F.
 
     By default the data is the pattern's own calibration source with the windows that follow the calibration
     windows in the same seeded order, so the two sets never overlap; `num_samples` sets how many (`seq_len` and
@@ -335,20 +367,24 @@ def evaluate(
     if data_file["model"].get("config_sha256") != checkpoint.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
     windows = calibration_windows(checkpoint, data, tokenizer, offset=offset)
-    loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
-    rows = []
-    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
-        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label)
-        for name, pattern in _named_patterns(data_file, loaded.indexer_layers):
-            rows.append(
-                {
-                    "name": name,
-                    "pattern": pattern,
-                    "num_full": len(full_layers(pattern)),
-                    "loss": scorer.loss(pattern),
-                }
-            )
-    base = rows[1]["loss"]
+    run = (batch_size, kernels, dtype, device, device_map, max_memory)
+    pattern = data_file["index_topk_pattern"]
+    if "distilled_from" in data_file:
+        # Only the F layers of a distilled folder have indexers: compare with the same pattern undistilled and
+        # with every indexer of the source, on the same windows.
+        source = _source_checkpoint(data_file, checkpoint, log)
+        name, rows = _held_out_losses(checkpoint, windows, lambda _: [("distilled", pattern)], *run)
+        source_name, source_rows = _held_out_losses(
+            source,
+            windows,
+            lambda layers: [("undistilled", pattern), ("source all-F", from_full_layers(layers, len(pattern)))],
+            *run,
+        )
+        rows += source_rows
+        base = source_rows[1]["loss"]
+    else:
+        name, rows = _held_out_losses(checkpoint, windows, lambda layers: _named_patterns(data_file, layers), *run)
+        source_name, base = None, rows[1]["loss"]
     for row in rows:
         row["delta_vs_all_full"] = row["loss"] - base
         row["perplexity"] = float(torch.tensor(row["loss"]).exp())
@@ -357,7 +393,8 @@ def evaluate(
             json_path,
             {
                 "pattern_file": str(pattern_path),
-                "model": loaded.name,
+                "model": name,
+                **({"source_model": source_name} if source_name is not None else {}),
                 "data": windows.describe(),
                 "results": rows,
             },

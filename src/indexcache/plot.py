@@ -161,14 +161,16 @@ def _eval_bars(ax, evaluation: dict) -> None:
     rows = evaluation["results"]
     names = [r["name"] for r in rows]
     losses = [r["loss"] for r in rows]
+    # A distilled folder's rows (distilled, undistilled, source all-F) take the colours of pattern, uniform, all-F.
     colors = {"pattern": _FULL_COLOR, "all-F": "black", "uniform": "#ff7f0e"}
+    colors |= {"distilled": colors["pattern"], "source all-F": colors["all-F"], "undistilled": colors["uniform"]}
     ax.bar(names, losses, color=[colors.get(n, "grey") for n in names])
     for i, r in enumerate(rows):
         ax.text(i, r["loss"], f"{r['loss']:.4f} ({r['delta_vs_all_full']:+.4f})", ha="center", va="bottom", fontsize=8)
     low, high = min(losses), max(losses)
     ax.set_ylim(low - 0.1 * (high - low + 1e-3) - 0.05, high + 0.15 * (high - low + 1e-3) + 0.05)
     ax.set_ylabel("held-out loss")
-    ax.set_title("held-out loss: pattern vs all-F vs uniform (same F count)", fontsize=10)
+    ax.set_title(f"held-out loss: {' vs '.join(names)} (same windows)", fontsize=10)
 
 
 def pattern_figure(data: dict, evaluation: dict | None = None) -> Figure:

@@ -33,6 +33,7 @@ from .common import (
     err,
     friendly_errors,
     out,
+    print_table,
 )
 from .distill import distill
 
@@ -243,7 +244,7 @@ def eval_(
             f"{r['delta_vs_all_full']:+.5f}",
             f"{r['perplexity']:.3f}",
         )
-    out.print(table)
+    print_table(table)
     if plot is not None:
         from ..patterns import file as pattern_file
         from ..plot import pattern_figure, save_png

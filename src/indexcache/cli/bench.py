@@ -7,14 +7,12 @@ from pathlib import Path
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from .. import defaults
 from ..atomic import write_json
 from ..errors import IndexCacheError
-
-out = Console()
+from .common import print_table
 
 
 def parse_contexts(text: str) -> list[int]:
@@ -135,7 +133,7 @@ def print_rows(rows: list[dict], title: str) -> None:
             f"{r['speedup_vs_all_f']:.2f}×",
             f"{r['projected_prefill_s']:.2f} s",
         )
-    out.print(table)
+    print_table(table, keys=2)  # context and row name head every part in a narrow console
 
 
 def bench(

@@ -1,4 +1,5 @@
-"""What every command of the CLI shares: the consoles, one-line errors, and the options of several commands."""
+"""What every command of the CLI shares: the consoles, one-line errors, tables that fit the console, and the options
+of several commands."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import functools
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from .. import defaults
 from ..errors import IndexCacheError
@@ -38,6 +40,39 @@ def friendly_errors(fn):
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
 
     return wrapper
+
+
+def print_table(table: Table, keys: int = 1) -> None:
+    """Print `table` on stdout with no cell cut, at any console width (a pipe gets 80 columns).
+
+    A table wider than the console is split into several, each repeating the first `keys` columns (which say what
+    a row is) and taking as many of the others as fit; a cell too long even then (a 78-layer F/S pattern in 80
+    columns) folds onto the next line instead of ending in "…". Only the first part carries the title.
+    """
+    rest = list(range(keys, len(table.columns)))
+    title = table.title
+    while rest:
+        shown = [*range(keys), rest.pop(0)]
+        while rest and _natural_width(_part(table, [*shown, rest[0]])) <= out.width:
+            shown.append(rest.pop(0))
+        out.print(_part(table, shown, title))
+        title = None
+
+
+def _part(table: Table, shown: list[int], title=None) -> Table:
+    """The columns `shown` of `table`, folding what does not fit."""
+    columns = [table.columns[i] for i in shown]
+    part = Table(title=title)
+    for column in columns:
+        part.add_column(column.header, justify=column.justify, overflow="fold")
+    for cells in zip(*(list(column.cells) for column in columns), strict=True):
+        part.add_row(*cells)
+    return part
+
+
+def _natural_width(table: Table) -> int:
+    """Columns the table takes when nothing wraps."""
+    return out.measure(table, options=out.options.update_width(10**6)).maximum
 
 
 # The prefix cache (hidden states and top-k index buffers) follows --cache; model and activations do not.

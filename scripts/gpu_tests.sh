@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test suite on a CUDA machine: the kernels compiled, the kernel and model tests on the GPU.
+#
+#   bash scripts/gpu_tests.sh [PYTEST ARGS...]     (from the repository root; default: the whole suite)
+#
+# Sets up the GPU machine's environment (scripts/gpu_env.sh), runs pytest with a JUnit report and a log into
+# $OUT (or /tmp/gpu_tests), prints the counts and writes gpu_tests_<card>_<date>.json beside them: card, date,
+# commit, the pytest arguments and the counts; commit that file under scripts/results/. The commit is
+# $GIT_COMMIT, else `git rev-parse HEAD` (the device machine's copy has no .git: pass GIT_COMMIT=... there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+# shellcheck disable=SC1091
+source scripts/gpu_env.sh || exit 1
+out=${OUT:-/tmp/gpu_tests}
+mkdir -p "$out"
+python3 -m pytest -q -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
+status=${PIPESTATUS[0]}
+python3 scripts/gpu_tests_result.py "$out/junit.xml" --commit "$commit" --args "$*" --out "$out" || exit 1
+exit "$status"
