@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import typer
 from rich.console import Console
@@ -20,12 +21,14 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def friendly_errors(fn):
-    """Every user-fixable failure becomes one line on stderr and exit code 2, never a traceback."""
+    """Every user-fixable failure becomes one line on stderr and exit code 2, never a traceback. Under torchrun only
+    rank 0 prints: an error of another rank's share of the work reaches rank 0 through the collectives."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import torch
 
+        out.quiet = err.quiet = int(os.environ.get("RANK", "0")) != 0
         try:
             return fn(*args, **kwargs)
         except IndexCacheError as exc:
@@ -36,6 +39,19 @@ def friendly_errors(fn):
             _fail("interrupted", 130)
         except OSError as exc:
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+    return wrapper
+
+
+def across_ranks(fn):
+    """Under torchrun, the command runs as one rank of torchrun's process group (`distributed.joined`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..distributed import joined
+
+        with joined(defaults.COLLECTIVE_TIMEOUT_S):
+            return fn(*args, **kwargs)
 
     return wrapper
 
