@@ -7,6 +7,7 @@ import os
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .. import defaults
 from ..errors import IndexCacheError
@@ -16,7 +17,7 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -12,6 +12,7 @@ others with `PeerLost`. Without torchrun (or with one process) `World()` runs ev
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -168,8 +169,9 @@ def _collective(doing: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # gloo and NCCL report a lost peer or a timeout as RuntimeError subclasses
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeerLost(f"another rank stopped or did not answer while {doing} ({first[:120]})") from exc
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        reason = re.sub(r"\[[^\]]*:\d+\]\s*", "", lines[0]).split(". ")[0]  # gloo's source file and line off
+        raise PeerLost(f"another rank stopped or did not answer while {doing} ({reason[:120]})") from exc
 
 
 _joined: World | None = None

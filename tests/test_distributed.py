@@ -1,0 +1,141 @@
+"""Several processes over gloo give the one-process answer; a lost rank ends the run cleanly; resume on another
+process count. Ranks are real processes: torchrun once, forked ranks (tests/ranks.py) for the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from indexcache.cli import app
+from indexcache.distributed import balanced_shares
+
+from ranks import run_ranks
+
+SIZES = "--num-samples 2 --seq-len 64 --ratio 0.5 --device cpu"
+
+
+def search_args(checkpoint: Path, text_file: Path, *extra) -> list:
+    return ["search", "--model", checkpoint, "--dataset", text_file, *SIZES.split(), *extra]
+
+
+def one_process(*args) -> None:
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def same_search(a: dict, b: dict) -> None:
+    """The pattern and every recorded loss, bit for bit."""
+    for key in ("index_topk_pattern", "loss_all_full", "loss_final", "trajectory"):
+        assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def reference(glm_checkpoint, text_file, tmp_path_factory):
+    """One-process searches (by strategy) and their eval and analysis: what every process count must give."""
+    folder = tmp_path_factory.mktemp("one")
+    found = {}
+    for strategy in ("cached", "pruned"):
+        one_process(*search_args(glm_checkpoint, text_file, "--strategy", strategy, "-o", folder / f"{strategy}.json"))
+        found[strategy] = json.loads((folder / f"{strategy}.json").read_text())
+    one_process("eval", folder / "cached.json", "--device", "cpu", "--json", folder / "eval.json")
+    analyze = ["analyze", "--model", glm_checkpoint, "--dataset", text_file, *SIZES.split()[:4]]
+    one_process(*analyze, "--device", "cpu", "-o", folder / "analysis")
+    found["eval"] = json.loads((folder / "eval.json").read_text())["results"]
+    found["analysis"] = json.loads((folder / "analysis" / "analysis.json").read_text())
+    found["pattern_file"] = folder / "cached.json"
+    found["analyze_args"] = analyze
+    return found
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_shares_cover_every_item_once_and_balance_the_cost(size):
+    costs = [6, 5, 4, 3, 2, 1, 6]  # a cached step: later layers rerun fewer layers
+    shares = balanced_shares(costs, size)
+    assert sorted(i for share in shares for i in share) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(costs)
+    assert shares == balanced_shares(costs, size)
+
+
+def test_torchrun_two_processes_give_the_one_process_search(reference, glm_checkpoint, text_file, tmp_path):
+    output = tmp_path / "pattern.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "indexcache"]
+    run = subprocess.run(
+        [*torchrun, *map(str, search_args(glm_checkpoint, text_file, "-o", output))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    found = json.loads(output.read_text())
+    same_search(found, reference["cached"])
+    search = found["search"]
+    assert search["world_size"] == 2 and search["decomposition"] == "replicas"
+    assert [r["layers_on"] for r in search["ranks"]] == [{"cpu": list(range(6))}] * 2
+    assert run.stdout.count(found["index_topk_pattern"] + "  3/6 F") == 1  # the summary, from rank 0 only
+    assert run.stderr.count("step 1:") == 1
+
+
+@pytest.mark.parametrize("strategy,size", [("cached", 3), ("pruned", 2)])
+def test_several_processes_give_the_one_process_search(reference, glm_checkpoint, text_file, tmp_path, strategy, size):
+    output = tmp_path / "pattern.json"
+    ends = run_ranks(size, search_args(glm_checkpoint, text_file, "--strategy", strategy, "-o", output), tmp_path)
+    assert [e.code for e in ends] == [0] * size, [e.stderr for e in ends]
+    assert [bool(e.stdout) for e in ends] == [True] + [False] * (size - 1)  # only rank 0 speaks
+    found = json.loads(output.read_text())
+    same_search(found, reference[strategy])
+    assert found["search"]["world_size"] == size
+    assert found["search"]["layer_forwards"] > reference[strategy]["search"]["layer_forwards"]  # commits rerun
+
+
+def test_three_processes_give_the_one_process_eval_and_analysis(reference, tmp_path):
+    rows = tmp_path / "eval.json"
+    ends = run_ranks(3, ["eval", reference["pattern_file"], "--device", "cpu", "--json", rows], tmp_path / "e")
+    assert [e.code for e in ends] == [0, 0, 0], [e.stderr for e in ends]
+    assert json.loads(rows.read_text())["results"] == reference["eval"]
+    folder = tmp_path / "analysis"
+    ends = run_ranks(3, [*reference["analyze_args"], "--device", "cpu", "-o", folder], tmp_path / "a")
+    assert [e.code for e in ends] == [0, 0, 0], [e.stderr for e in ends]
+    found = json.loads((folder / "analysis.json").read_text())
+    for key in ("overlap", "entropy", "entropy_normalised", "positions", "loss_all_full", "layer_forwards"):
+        assert found[key] == reference["analysis"][key], key
+    assert found["world_size"] == 3
+
+
+def test_a_killed_rank_ends_the_run_in_one_line_and_it_resumes_on_three(reference, glm_checkpoint, text_file, tmp_path):
+    output = tmp_path / "out" / "pattern.json"
+    args = search_args(glm_checkpoint, text_file, "-o", output)
+    main, killed = run_ranks(2, args, tmp_path / "k", die=(1, 2))
+    assert killed.code == -9
+    assert main.code == 2 and "Traceback" not in main.stderr
+    assert main.lines()[-1].startswith("error: ") and "--resume" in main.lines()[-1]
+    assert [line.startswith("error: ") for line in main.lines()].count(True) == 1
+    state = output.with_name(output.name + ".state.json")
+    assert sorted(p.name for p in output.parent.iterdir()) == [state.name]  # no pattern, no temp file
+    assert len(json.loads(state.read_text())["state"]["trajectory"]) == 1
+
+    ends = run_ranks(3, [*args, "--resume"], tmp_path / "r")
+    assert [e.code for e in ends] == [0, 0, 0], [e.stderr for e in ends]
+    same_search(json.loads(output.read_text()), reference["cached"])
+    assert not state.exists()
+    shutil.rmtree(tmp_path / "out")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_distill_refuses_several_processes_in_one_line_from_rank_0(reference, tmp_path, monkeypatch, rank):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    args = ["distill", reference["pattern_file"], "--steps", 1, "-o", tmp_path / "d"]
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 2 and not (tmp_path / "d").exists()
+    expected = "error: distill trains in one process (one GPU, or several with --device-map auto); run it without "
+    expected += "torchrun"
+    assert [line for line in result.stderr.splitlines() if line.strip()] == ([expected] if rank == 0 else [])
