@@ -1,13 +1,11 @@
 """Several processes over gloo give the one-process answer; a lost rank ends the run cleanly; resume on another
-process count. Ranks are real processes: torchrun once, forked ranks (tests/ranks.py) for the rest."""
+process count. Ranks are real processes forked as torchrun starts them (tests/ranks.py); torchrun itself runs in
+tests/test_bench_distributed.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,26 +60,6 @@ def test_shares_cover_every_item_once_and_balance_the_cost(size):
     loads = [sum(costs[i] for i in share) for share in shares]
     assert max(loads) - min(loads) <= max(costs)
     assert shares == balanced_shares(costs, size)
-
-
-def test_torchrun_two_processes_give_the_one_process_search(reference, glm_checkpoint, text_file, tmp_path):
-    output = tmp_path / "pattern.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "indexcache"]
-    run = subprocess.run(
-        [*torchrun, *map(str, search_args(glm_checkpoint, text_file, "-o", output))],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    found = json.loads(output.read_text())
-    same_search(found, reference["cached"])
-    search = found["search"]
-    assert search["world_size"] == 2 and search["decomposition"] == "replicas"
-    assert [r["layers_on"] for r in search["ranks"]] == [{"cpu": list(range(6))}] * 2
-    assert run.stdout.count(found["index_topk_pattern"] + "  3/6 F") == 1  # the summary, from rank 0 only
-    assert run.stderr.count("step 1:") == 1
 
 
 @pytest.mark.parametrize("strategy,size", [("cached", 3), ("pruned", 2)])
