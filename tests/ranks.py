@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -47,21 +46,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_in_step(step: int) -> None:
-    """SIGKILL this process when it starts scoring a candidate of greedy step `step` (a rank lost mid-step)."""
+def _die_in_step(step: int, signum: int) -> None:
+    """Send this process `signum` when it starts scoring a candidate of greedy step `step` (SIGKILL: a rank lost
+    mid-step; SIGTERM: torchrun stopping it)."""
     from indexcache.search import scoring
 
     original = scoring.CachedScorer._flip_nll
 
     def flip_nll(self, layer, b):
         if self.committed.count("S") == step - 1:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         return original(self, layer, b)
 
     scoring.CachedScorer._flip_nll = flip_nll
 
 
-def _rank_main(rank: int, size: int, port: int, argv: list[str], logs: Path, die_in_step: int | None) -> None:
+def _rank_main(rank: int, size: int, port: int, argv: list[str], logs: Path, die: tuple[int, int] | None) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(size),
@@ -73,8 +73,8 @@ def _rank_main(rank: int, size: int, port: int, argv: list[str], logs: Path, die
     )
     sys.stdout = open(logs / f"{rank}.out", "w")  # noqa: SIM115 (closed by os._exit below)
     sys.stderr = open(logs / f"{rank}.err", "w")  # noqa: SIM115
-    if die_in_step is not None:
-        _die_in_step(die_in_step)
+    if die is not None:
+        _die_in_step(*die)
     from indexcache.cli.app import app
 
     code = 0
@@ -87,15 +87,15 @@ def _rank_main(rank: int, size: int, port: int, argv: list[str], logs: Path, die
     os._exit(code)
 
 
-def run_ranks(size: int, argv: list, logs: Path, die: tuple[int, int] | None = None, timeout: float = 120) -> list:
-    """Run `indexcache ARGV` as `size` ranks; `die=(rank, step)` kills that rank in that greedy step.
+def run_ranks(size: int, argv: list, logs: Path, die: tuple | None = None, timeout: float = 120) -> list:
+    """Run `indexcache ARGV` as `size` ranks; `die=(rank, step, signal)` signals that rank in that greedy step.
     Returns each rank's `Finished`; a rank still running after `timeout` s fails the test (a hang)."""
     logs.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = []
     for rank in range(size):
-        step = die[1] if die and die[0] == rank else None
-        proc = _CONTEXT.Process(target=_rank_main, args=(rank, size, port, list(argv), logs, step))
+        fault = die[1:] if die and die[0] == rank else None
+        proc = _CONTEXT.Process(target=_rank_main, args=(rank, size, port, list(argv), logs, fault))
         proc.start()
         procs.append(proc)
     for proc in procs:

@@ -5,14 +5,15 @@ tests/test_bench_distributed.py."""
 from __future__ import annotations
 
 import json
-import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from indexcache.cli import app
-from indexcache.distributed import balanced_shares
+from indexcache.distributed import World, balanced_shares
+from indexcache.errors import IndexCacheError
 
 from ranks import run_ranks
 
@@ -88,23 +89,44 @@ def test_three_processes_give_the_one_process_eval_and_analysis(reference, tmp_p
     assert found["world_size"] == 3
 
 
-def test_a_killed_rank_ends_the_run_in_one_line_and_it_resumes_on_three(reference, glm_checkpoint, text_file, tmp_path):
-    output = tmp_path / "out" / "pattern.json"
-    args = search_args(glm_checkpoint, text_file, "-o", output)
-    main, killed = run_ranks(2, args, tmp_path / "k", die=(1, 2))
-    assert killed.code == -9
+def lost_rank_ends_the_run_in_one_line(output: Path, args: list, logs: Path, signum: int, code: int) -> Path:
+    """Rank 1 gets `signum` in step 2 and ends with `code`; rank 0 ends with one line, the state of step 1 kept."""
+    main, stopped = run_ranks(2, args, logs, die=(1, 2, signum))
+    assert stopped.code == code and "Traceback" not in stopped.stderr
     assert main.code == 2 and "Traceback" not in main.stderr
     assert main.lines()[-1].startswith("error: ") and "--resume" in main.lines()[-1]
     assert [line.startswith("error: ") for line in main.lines()].count(True) == 1
     state = output.with_name(output.name + ".state.json")
     assert sorted(p.name for p in output.parent.iterdir()) == [state.name]  # no pattern, no temp file
     assert len(json.loads(state.read_text())["state"]["trajectory"]) == 1
+    return state
 
+
+def test_a_killed_rank_ends_the_run_in_one_line_and_it_resumes_on_three(reference, glm_checkpoint, text_file, tmp_path):
+    output = tmp_path / "out" / "pattern.json"
+    args = search_args(glm_checkpoint, text_file, "-o", output)
+    state = lost_rank_ends_the_run_in_one_line(output, args, tmp_path / "k", signal.SIGKILL, -signal.SIGKILL)
     ends = run_ranks(3, [*args, "--resume"], tmp_path / "r")
     assert [e.code for e in ends] == [0, 0, 0], [e.stderr for e in ends]
     same_search(json.loads(output.read_text()), reference["cached"])
     assert not state.exists()
-    shutil.rmtree(tmp_path / "out")
+
+
+def test_a_stopped_rank_exits_as_on_ctrl_c_and_rank_0_keeps_the_state(glm_checkpoint, text_file, tmp_path):
+    """torchrun stops every rank with SIGTERM when one fails or on Ctrl-C: it acts as Ctrl-C (exit 130)."""
+    output = tmp_path / "out" / "pattern.json"
+    args = search_args(glm_checkpoint, text_file, "-o", output)
+    lost_rank_ends_the_run_in_one_line(output, args, tmp_path / "t", signal.SIGTERM, 130)
+
+
+def test_several_processes_on_one_node_refuse_one_shared_gpu_or_a_device_map():
+    world = World(rank=1, size=2, local_rank=1, local_size=2)
+    with pytest.raises(IndexCacheError, match="all 2 processes of this node on one GPU"):
+        world.device("cuda:0")
+    with pytest.raises(IndexCacheError, match="--nproc-per-node 1"):
+        world.check_device_map("auto")
+    assert world.device("cpu") == "cpu"
+    World(rank=1, size=2, local_rank=0, local_size=1).check_device_map("auto")  # one process per node: a replica
 
 
 @pytest.mark.parametrize("rank", [0, 1])

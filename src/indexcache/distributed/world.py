@@ -66,6 +66,11 @@ class World:
 
     def device(self, requested: str) -> str:
         """The device this rank runs on: its own GPU (`cuda:LOCAL_RANK`) for `auto`/`cuda` under several processes."""
+        if self.local_size > 1 and requested.startswith("cuda:"):
+            raise IndexCacheError(
+                f"--device {requested} would put all {self.local_size} processes of this node on one GPU; give "
+                "--device cuda (or auto): each process takes the GPU of its LOCAL_RANK"
+            )
         if self.size == 1 or requested not in ("auto", "cuda") or not torch.cuda.is_available():
             return requested
         if self.local_rank >= torch.cuda.device_count():
