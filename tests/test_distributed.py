@@ -5,6 +5,7 @@ tests/test_bench_distributed.py."""
 from __future__ import annotations
 
 import json
+import runpy
 import signal
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from indexcache.errors import IndexCacheError
 
 from ranks import run_ranks
 
+PROJECTION = Path(__file__).parents[1] / "scripts" / "project_node_time.py"
 SIZES = "--num-samples 2 --seq-len 64 --ratio 0.5 --device cpu"
 
 
@@ -73,6 +75,10 @@ def test_several_processes_give_the_one_process_search(reference, glm_checkpoint
     same_search(found, reference[strategy])
     assert found["search"]["world_size"] == size
     assert found["search"]["layer_forwards"] > reference[strategy]["search"]["layer_forwards"]  # commits rerun
+    if strategy == "cached":  # the count scripts/project_node_time.py projects node times from
+        flipped = [step["flipped"] for step in found["trajectory"]]
+        projected = runpy.run_path(str(PROJECTION))["cached_search_cost"](6, flipped, size)["forwards"]
+        assert found["search"]["layer_forwards"] == projected * 2  # 2 windows
 
 
 def test_three_processes_give_the_one_process_eval_and_analysis(reference, tmp_path):
