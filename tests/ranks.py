@@ -46,16 +46,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_in_step(step: int, signum: int) -> None:
-    """Send this process `signum` when it starts scoring a candidate of greedy step `step` (SIGKILL: a rank lost
-    mid-step; SIGTERM: torchrun stopping it)."""
+def _die_in_step(step: int, fault: int | str) -> None:
+    """When this process starts scoring a candidate of greedy step `step`: send it signal `fault` (SIGKILL: a rank
+    lost mid-step; SIGTERM: torchrun stopping it), or raise a user error with the text `fault`."""
+    from indexcache.errors import IndexCacheError
     from indexcache.search import scoring
 
     original = scoring.CachedScorer._flip_nll
 
     def flip_nll(self, layer, b):
         if self.committed.count("S") == step - 1:
-            os.kill(os.getpid(), signum)
+            if isinstance(fault, str):
+                raise IndexCacheError(fault)
+            os.kill(os.getpid(), fault)
         return original(self, layer, b)
 
     scoring.CachedScorer._flip_nll = flip_nll
@@ -88,7 +91,7 @@ def _rank_main(rank: int, size: int, port: int, argv: list[str], logs: Path, die
 
 
 def run_ranks(size: int, argv: list, logs: Path, die: tuple | None = None, timeout: float = 120) -> list:
-    """Run `indexcache ARGV` as `size` ranks; `die=(rank, step, signal)` signals that rank in that greedy step.
+    """Run `indexcache ARGV` as `size` ranks; `die=(rank, step, fault)` makes that rank fail in that greedy step.
     Returns each rank's `Finished`; a rank still running after `timeout` s fails the test (a hang)."""
     logs.mkdir(parents=True, exist_ok=True)
     port = _free_port()

@@ -125,6 +125,14 @@ def test_a_stopped_rank_exits_as_on_ctrl_c_and_rank_0_keeps_the_state(glm_checkp
     lost_rank_ends_the_run_in_one_line(output, args, tmp_path / "t", signal.SIGTERM, 130)
 
 
+def test_an_error_in_one_ranks_share_ends_every_rank_and_rank_0_names_it(glm_checkpoint, text_file, tmp_path):
+    output = tmp_path / "pattern.json"
+    ends = run_ranks(2, search_args(glm_checkpoint, text_file, "-o", output), tmp_path / "l", die=(1, 2, "bad batch"))
+    assert [e.code for e in ends] == [2, 2]
+    assert ends[0].lines()[-1] == "error: rank 1: bad batch"
+    assert ends[1].lines() == [] and not output.exists()
+
+
 def test_several_processes_on_one_node_refuse_one_shared_gpu_or_a_device_map():
     world = World(rank=1, size=2, local_rank=1, local_size=2)
     with pytest.raises(IndexCacheError, match="all 2 processes of this node on one GPU"):

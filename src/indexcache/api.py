@@ -201,6 +201,8 @@ def search(
         try:
             state = greedy_search(scorer, before.state, observer, save)
         except PeerLost as exc:
+            if not (world.is_main and state_path.exists()):
+                raise
             raise PeerLost(f"{exc}; the state after the last finished step is kept: rerun with --resume") from exc
         run = {
             "strategy": strategy,

@@ -163,9 +163,11 @@ class World:
 
 
 def _on_every_rank(error: Exception, rank: int) -> Exception:
-    """The error one rank hit, to raise on all of them; a user error names the rank it came from."""
-    if isinstance(error, IndexCacheError) and not str(error).startswith("rank "):
-        return type(error)(f"rank {rank}: {error}")
+    """The error `rank` hit, to raise on every rank (marked `collective`: rank 0 reports it for all); a user
+    error from another rank than 0 names it."""
+    if isinstance(error, IndexCacheError) and rank != 0:
+        error = type(error)(f"rank {rank}: {error}")
+    error.collective = True
     return error
 
 
