@@ -2,7 +2,7 @@
 
     python3 scripts/bench_distributed.py --out $OUT/bench_distributed.json                 # every visible GPU
     python3 scripts/bench_distributed.py --routed-experts 256 --layers 5 --out …           # GLM-5's full MoE
-    python3 scripts/bench_distributed.py --device cpu --processes 2 --out /tmp/bench.json  # plumbing, tiny, CPU
+    python3 scripts/bench_distributed.py --device cpu --processes 2 --out /tmp/bench.json  # plumbing, CPU
 
 Builds a random-weight glm_moe_dsa checkpoint with GLM-5's layer shapes (`GlmMoeDsaConfig()`: hidden 6144, 64 heads,
 q_lora 2048, kv_lora 512, indexer 32 × 128, top-2048, vocab 154,880; layer 0 dense, every other layer MoE with
@@ -40,30 +40,19 @@ from pathlib import Path
 import torch
 
 from indexcache.atomic import write_json
+from indexcache.models.loading import embedded_model_path
 
-# GLM-5's own dimensions are GlmMoeDsaConfig()'s defaults; these only choose the layer count and MoE layout.
+# GLM-5's own dimensions are GlmMoeDsaConfig()'s defaults; layer 0 dense, the rest MoE, as many layers as asked.
 GPU_SHAPE = dict(first_k_dense_replace=1)
-# CPU plumbing: the tests' tiny dims (tests/tiny_models.py), top-k 8.
-CPU_SHAPE = dict(
-    vocab_size=320,
-    hidden_size=48,
-    intermediate_size=64,
-    moe_intermediate_size=24,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    num_experts_per_tok=2,
-    q_lora_rank=24,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    index_n_heads=2,
-    index_head_dim=16,
-    index_topk=8,
-    max_position_embeddings=512,
-    first_k_dense_replace=1,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-)
+
+
+def cpu_shape() -> dict:
+    """CPU plumbing: the shipped tiny model's dims (its config.json, top-k 64), MoE layers of 4 small experts."""
+    dims = json.loads((embedded_model_path() / "config.json").read_text())
+    per_layer = ("layer_types", "mlp_layer_types", "indexer_types", "architectures", "transformers_version", "dtype")
+    for key in (*per_layer, "model_type"):
+        dims.pop(key, None)
+    return dims | dict(first_k_dense_replace=1, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2)
 
 
 def build_checkpoint(folder: Path, device: str, layers: int, experts: int, windows: int, seq_len: int) -> None:
@@ -71,8 +60,8 @@ def build_checkpoint(folder: Path, device: str, layers: int, experts: int, windo
     Built on `device`, then freed: the searches run in other processes."""
     from transformers import AutoModelForCausalLM, GlmMoeDsaConfig
 
-    shape = CPU_SHAPE if device == "cpu" else GPU_SHAPE
-    config = GlmMoeDsaConfig(**shape, num_hidden_layers=layers, n_routed_experts=experts)
+    shape = cpu_shape() if device == "cpu" else GPU_SHAPE | dict(n_routed_experts=experts)
+    config = GlmMoeDsaConfig(**shape | dict(num_hidden_layers=layers))
     torch.manual_seed(0)
     with torch.device(device):  # built in its own dtype: GLM-5's MoE layers in fp32 would not fit
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
@@ -181,7 +170,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoint goes (default: a temp dir)")
     args = parser.parse_args()
     if args.device == "cpu" and args.seq_len == parser.get_default("seq_len"):
-        args.seq_len = 64
+        args.seq_len = 128  # the tiny model's top-k is 64
     if args.processes is None:
         args.processes = 2 if args.device == "cpu" else torch.cuda.device_count()
     python = sys.executable
@@ -211,9 +200,9 @@ def main() -> None:
         "processes": args.processes,
         "date": today,
         "model": {
-            "config": "GlmMoeDsaConfig() dims" if args.device != "cpu" else "tiny (tests/tiny_models.py dims)",
+            "config": "GlmMoeDsaConfig() dims" if args.device != "cpu" else "the shipped tiny model's dims",
             "layers": args.layers,
-            "routed_experts": args.experts,
+            "routed_experts": args.experts if args.device != "cpu" else 4,
             "first_dense_layers": 1,
         },
         "windows": args.windows,
