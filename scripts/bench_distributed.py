@@ -146,10 +146,11 @@ def search(name: str, launcher: list[str], folder: Path, args: argparse.Namespac
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
-    """Largest relative difference between two searches' recorded losses (all-F, every candidate of every step)."""
+    """Largest relative difference between two searches' recorded losses: all-F and every candidate both scored
+    (after a step where the patterns part, the candidates differ; `same_trajectory` tells)."""
     pairs = [(a["loss_all_full"], b["loss_all_full"])]
     for sa, sb in zip(a["trajectory"], b["trajectory"], strict=True):
-        pairs += [(sa["candidates"][k], sb["candidates"][k]) for k in sa["candidates"]]
+        pairs += [(loss, sb["candidates"][k]) for k, loss in sa["candidates"].items() if k in sb["candidates"]]
     return max(abs(x - y) / abs(x) for x, y in pairs)
 
 
