@@ -25,6 +25,7 @@ import torch
 from . import defaults
 from .atomic import write_json
 from .calib import DataSpec, Windows, first_choosing_position
+from .distributed import World, current
 from .errors import IndexCacheError
 from .kernels.indexer import index_scores_reference
 from .models import DsaArchitecture, LoadedModel
@@ -71,12 +72,40 @@ def entropy_sums(
     return nats, normalised
 
 
+@dataclass
+class SelectionSums:
+    """What the selections of some batches add up to.
+
+    Attributes:
+        shared_keys: fp64 [N, N], Σ |A_i ∩ A_j| over query positions; entropy, entropy_normalised: fp64 [N] sums;
+        positions: query positions counted; nll: summed token NLL of the forwards.
+    """
+
+    shared_keys: torch.Tensor
+    entropy: torch.Tensor
+    entropy_normalised: torch.Tensor
+    positions: int = 0
+    nll: float = 0.0
+
+    @classmethod
+    def zeros(cls, num_layers: int) -> SelectionSums:
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+        return cls(zeros(num_layers, num_layers), zeros(num_layers), zeros(num_layers))
+
+    def add(self, other: SelectionSums) -> None:
+        self.shared_keys += other.shared_keys
+        self.entropy += other.entropy
+        self.entropy_normalised += other.entropy_normalised
+        self.positions += other.positions
+        self.nll += other.nll
+
+
 class SelectionRecorder:
     """An `IndexerFn` that runs the backend's indexer (given by `around`) and records what each F layer selects.
 
     layer_of: id(indexer module) → its layer; first: the first query position that chooses among more than `topk`
     keys (entries of `ratio` tokens: `calib.first_choosing_position`). Call `end_batch()` after every forward: it
-    drops the batch's selections (the sums stay).
+    returns the batch's sums and drops its selections.
     """
 
     def __init__(
@@ -86,10 +115,8 @@ class SelectionRecorder:
         self.arch = arch
         self.topk = topk
         self.layer_of, self.first, self.ratio = layer_of, first, ratio
-        self.shared_keys = torch.zeros(num_layers, num_layers, dtype=torch.float64)  # Σ |A_i ∩ A_j| over positions
-        self.entropy = torch.zeros(num_layers, dtype=torch.float64)
-        self.entropy_normalised = torch.zeros(num_layers, dtype=torch.float64)
-        self.positions = 0
+        self.num_layers = num_layers
+        self.sums = SelectionSums.zeros(num_layers)
         self._batch: dict[int, torch.Tensor] = {}  # layer → sorted int [B, S - first, k]
 
     def __call__(self, indexer, *args, **kwargs):
@@ -97,16 +124,17 @@ class SelectionRecorder:
         indices = self.compute(indexer, *args, **kwargs)
         layer = self.layer_of[id(indexer)]
         selected = indices[:, self.first :].sort(-1).values  # these positions see more than k keys: a real choice
+        sums = self.sums
         for other, earlier in self._batch.items():
             shared = float(overlap_counts(earlier, selected).sum())
-            self.shared_keys[other, layer] += shared
-            self.shared_keys[layer, other] += shared
-        self.shared_keys[layer, layer] += float((selected >= 0).sum())  # pooled rows end in -1 after their tail
+            sums.shared_keys[other, layer] += shared
+            sums.shared_keys[layer, other] += shared
+        sums.shared_keys[layer, layer] += float((selected >= 0).sum())  # pooled rows end in -1 after their tail
         self._batch[layer] = selected
         q, keys, weights, scale, stride = scoring_inputs(self.arch, indexer, *args, **kwargs)
         nats, normalised = entropy_sums(q, keys, weights, scale, self.first, stride * self.ratio)
-        self.entropy[layer] += nats
-        self.entropy_normalised[layer] += normalised
+        sums.entropy[layer] += nats
+        sums.entropy_normalised[layer] += normalised
         return indices
 
     def around(self, compute: IndexerFn) -> SelectionRecorder:
@@ -114,11 +142,15 @@ class SelectionRecorder:
         self.compute = compute
         return self
 
-    def end_batch(self) -> None:
+    def end_batch(self, nll: float) -> SelectionSums:
+        """The sums of the batch just run (whose summed NLL is `nll`); the recorder starts afresh."""
+        batch, self.sums = self.sums, SelectionSums.zeros(self.num_layers)
         if self._batch:
             first = next(iter(self._batch.values()))
-            self.positions += first.shape[0] * first.shape[1]
+            batch.positions = first.shape[0] * first.shape[1]
+        batch.nll = nll
         self._batch.clear()
+        return batch
 
 
 @dataclass
@@ -145,8 +177,13 @@ def matrix_sha256(overlap: list[list[float | None]]) -> str:
 
 
 @torch.no_grad()
-def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kernels: str) -> tuple[Analysis, str]:
-    """Run every indexer layer F over `windows` ([W, S], S > k), batch by batch; returns the analysis and backend."""
+def analyze_windows(
+    loaded: LoadedModel, windows: Windows, batch_size: int, kernels: str, world: World | None = None
+) -> tuple[Analysis, str]:
+    """Run every indexer layer F over `windows` ([W, S], S > k), batch by batch; returns the analysis and backend.
+
+    Under several processes (`world`) the batches are shared among the ranks and their sums added in batch order,
+    so every rank gets the one-process analysis."""
     n, topk = loaded.num_layers, loaded.arch.keys_kept(loaded.text_config)
     if not loaded.arch.indexer_kernel:
         raise IndexCacheError(f"analyze: {loaded.arch.family}'s indexer does not select top-k keys; not supported")
@@ -160,31 +197,35 @@ def analyze_windows(loaded: LoadedModel, windows: Windows, batch_size: int, kern
         )
     if batch_size < 1:
         raise IndexCacheError(f"--batch-size {batch_size} must be at least 1")
+    world = world or World()
     lw = LayerwiseModel(loaded.model, loaded.arch)
     layer_of = {id(loaded.arch.indexer(layer)): i for i, layer in enumerate(lw.layers) if i in loaded.indexer_layers}
     recorder = SelectionRecorder(loaded.arch, n, topk, layer_of, first, ratio)
-    nll, layer_forwards = 0.0, 0
+    batches = windows.input_ids.split(batch_size)
     device = lw.input_device
     install = kernels_installed(loaded.model, loaded.arch, device, kernels, seq_len, wrap_indexer=recorder.around)
+
+    def forward(b: int) -> SelectionSums:
+        hidden, inputs = lw.embed(batches[b])
+        hidden = lw.run_layers(hidden, inputs, 0, n)
+        return recorder.end_batch(float(lw.nll_sum(hidden, batches[b]).sum()))
+
     with torch.inference_mode(), install as (_, backend):
-        for ids in windows.input_ids.split(batch_size):
-            hidden, inputs = lw.embed(ids)
-            hidden = lw.run_layers(hidden, inputs, 0, n)
-            nll += float(lw.nll_sum(hidden, ids).sum())
-            layer_forwards += n * ids.shape[0]
-            recorder.end_batch()
-    loss = nll / (windows.input_ids.shape[0] * (seq_len - 1))
+        per_batch = world.map(forward, range(len(batches)))
+    sums = SelectionSums.zeros(n)
+    for batch in per_batch.values():
+        sums.add(batch)
+    loss = sums.nll / (windows.input_ids.shape[0] * (seq_len - 1))
     if not torch.isfinite(torch.tensor(loss)):
         raise IndexCacheError(f"the all-F calibration loss is {loss}: the model or the --dtype gives non-finite logits")
     have = set(loaded.indexer_layers)
-    positions = recorder.positions
+    positions = sums.positions
     # Column j over layer j's own selected keys (positions × k, fewer in a pooled indexer's short tails).
-    shared = (recorder.shared_keys / recorder.shared_keys.diagonal().clamp(min=1)[None, :]).tolist()
+    shared = (sums.shared_keys / sums.shared_keys.diagonal().clamp(min=1)[None, :]).tolist()
     overlap = [[shared[i][j] if i in have and j in have else None for j in range(n)] for i in range(n)]
-    mean = lambda sums: [float(sums[i]) / positions if i in have else None for i in range(n)]
-    analysis = Analysis(
-        overlap, mean(recorder.entropy), mean(recorder.entropy_normalised), positions, loss, layer_forwards
-    )
+    mean = lambda values: [float(values[i]) / positions if i in have else None for i in range(n)]
+    layer_forwards = n * windows.input_ids.shape[0]
+    analysis = Analysis(overlap, mean(sums.entropy), mean(sums.entropy_normalised), positions, loss, layer_forwards)
     return analysis, backend
 
 
@@ -218,11 +259,13 @@ def analyze(
     if output_dir.is_file():
         raise IndexCacheError(f"output {output_dir} is a file; give a folder to write analysis.json and overlap.png")
 
+    world = current()
+    world.check_device_map(device_map)
     checkpoint = open_checkpoint(model)
     windows = calibration_windows(checkpoint, data or DataSpec(), tokenizer)
-    loaded = load_weights(checkpoint, dtype, device, device_map)
+    loaded = load_weights(checkpoint, dtype, world.device(device), device_map)
     started = time.perf_counter()
-    analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)
+    analysis, backend = analyze_windows(loaded, windows, batch_size, kernels, world)
     result = {
         "description": (
             f"Top-k overlap between the layers of {loaded.name} (all layers F): overlap[i][j] is the fraction of "
@@ -243,8 +286,11 @@ def analyze(
         "dtype": str(loaded.model.dtype).replace("torch.", ""),
         "kernels": backend,
         "batch_size": batch_size,
+        "world_size": world.size,
         "versions": pattern_file.library_versions(),
     }
+    if not world.is_main:
+        return result
     figure = None
     if plot:
         from .plot import overlap_figure, save_png

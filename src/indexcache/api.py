@@ -12,6 +12,7 @@ import torch
 from . import defaults
 from .atomic import write_json
 from .calib import DataSpec, Windows
+from .distributed import PeerLost, World, current
 from .errors import IndexCacheError
 from .models import Checkpoint, LoadedModel, load_weights, open_checkpoint
 from .patterns import file as pattern_file
@@ -59,15 +60,18 @@ def _check_search_options(output: Path, ratio, num_full, strategy, blocks, batch
         raise IndexCacheError(f"--prune-keep {prune_keep} is outside (0, 1]: the fraction of candidates kept")
 
 
-def make_scorer(strategy, lw, state, windows: Windows, batch_size, cache, prune_keep) -> PatternScorer:
-    """The scorer of `strategy` (naive, cached, pruned) over `windows`, with its prefix-cache plan."""
+def make_scorer(
+    strategy, lw, state, windows: Windows, batch_size, cache, prune_keep, world: World | None = None
+) -> PatternScorer:
+    """The scorer of `strategy` (naive, cached, pruned) over `windows`, with its prefix-cache plan; under several
+    processes (`world`) each step's candidates are shared among the ranks."""
     ids, first_label = windows.input_ids, windows.first_label
     if strategy == "naive":
-        return PatternScorer(lw, state, ids, batch_size, first_label=first_label)
+        return PatternScorer(lw, state, ids, batch_size, first_label=first_label, world=world)
     plan = plan_cache(lw, ids, cache)
     if strategy == "cached":
-        return CachedScorer(lw, state, ids, batch_size, plan, first_label=first_label)
-    return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, first_label=first_label)
+        return CachedScorer(lw, state, ids, batch_size, plan, first_label=first_label, world=world)
+    return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, first_label=first_label, world=world)
 
 
 @dataclass
@@ -118,15 +122,20 @@ def search(
     and windows are read and checked before the weights load. The search state is saved beside `output`
     (`<output>.state.json`) after every step; `resume=True` continues from it and ends with the same pattern as
     an uninterrupted run. `device_map`/`max_memory` go to accelerate (e.g. "auto" and {0: "20GiB", 1: "70GiB"}).
+
+    Under torchrun (`distributed.joined`) every rank holds the model and splits each step's candidates with the
+    others; rank 0 alone reads and writes the files, and the answer is the one-process answer.
     """
     output = Path(output)
+    world = current()
     _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
+    world.check_device_map(device_map)
     state_path = search_state_path(output)
     if strategy == "overlap" and resume:
         raise IndexCacheError(
             "--resume continues a greedy search; --strategy overlap runs in two forwards, run it again"
         )
-    if resume and not state_path.exists():
+    if resume and not world.from_main(state_path.exists):
         raise IndexCacheError(f"--resume found no saved search at {state_path}; run without --resume")
 
     checkpoint = open_checkpoint(model)
@@ -139,7 +148,7 @@ def search(
         )
     forced = block_starts(n, blocks, dsa_layers) if blocks is not None else []
     windows = calibration_windows(checkpoint, data or DataSpec(), tokenizer)
-    loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
+    loaded = load_weights(checkpoint, dtype, world.device(device), device_map, max_memory)
     missing = sorted(set(dsa_layers) - set(loaded.indexer_layers))
     if missing:
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
@@ -147,18 +156,19 @@ def search(
         from .search.overlap_strategy import search_by_overlap
 
         pattern, loss_all_full, loss_final, run = search_by_overlap(
-            loaded, windows, target, forced, blocks, batch_size, kernels
+            loaded, windows, target, forced, blocks, batch_size, kernels, world
         )
         state = SearchState(pattern, target, forced, loss_all_full)
-        run["layers_on"] = _layers_on(loaded)
+        run.update(_placement(loaded, world))
         result = pattern_record(
             loaded, checkpoint, windows, state, ratio if num_full is None else None, run, loss_final
         )
-        write_json(output, result)
+        if world.is_main:
+            write_json(output, result)
         return result
 
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
-        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep)
+        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
             "data_fingerprint": windows.fingerprint,
@@ -171,7 +181,7 @@ def search(
             "kernels": backend,
         }
         fresh = initial_state(n, loaded.indexer_layers, target, forced)
-        before = start_or_resume(state_path, inputs_key, fresh, resume, log)
+        before = world.from_main(lambda: start_or_resume(state_path, inputs_key, fresh, resume, log))
         if isinstance(scorer, CachedScorer):
             log(f"strategy {strategy}: {scorer.plan.describe()}")
         if len(full_layers(before.state.start_pattern)) <= target:
@@ -179,35 +189,43 @@ def search(
         started = time.perf_counter()
 
         def save(st: SearchState) -> None:
-            write_json(
-                state_path,
-                {
-                    "inputs": inputs_key,
-                    "state": st.to_json(),
-                    "layer_forwards": before.layer_forwards + scorer.layer_forwards,
-                    "seconds": before.seconds + time.perf_counter() - started,
-                },
-            )
+            layer_forwards = before.layer_forwards + world.total(scorer.layer_forwards)
+            if world.is_main:
+                write_json(
+                    state_path,
+                    {
+                        "inputs": inputs_key,
+                        "state": st.to_json(),
+                        "layer_forwards": layer_forwards,
+                        "seconds": before.seconds + time.perf_counter() - started,
+                    },
+                )
 
-        state = greedy_search(scorer, before.state, observer, save)
+        try:
+            state = greedy_search(scorer, before.state, observer, save)
+        except PeerLost as exc:
+            if not (world.is_main and state_path.exists()):
+                raise
+            raise PeerLost(f"{exc}; the state after the last finished step is kept: rerun with --resume") from exc
         run = {
             "strategy": strategy,
             "blocks": blocks,
             "forced_full": forced,
             "pruning": scorer.describe() if isinstance(scorer, PrunedScorer) else None,
             "cache": scorer.plan.describe() if isinstance(scorer, CachedScorer) else None,
-            "layer_forwards": before.layer_forwards + scorer.layer_forwards,
+            "layer_forwards": before.layer_forwards + world.total(scorer.layer_forwards),
             "seconds": round(before.seconds + time.perf_counter() - started, 3),
             "device": str(lw.input_device),
-            "layers_on": _layers_on(loaded),
             "dtype": str(loaded.model.dtype).replace("torch.", ""),
             "kernels": backend,
             "batch_size": batch_size,
+            **_placement(loaded, world),
         }
 
     result = pattern_record(loaded, checkpoint, windows, state, ratio if num_full is None else None, run)
-    write_json(output, result)
-    state_path.unlink(missing_ok=True)
+    if world.is_main:
+        write_json(output, result)
+        state_path.unlink(missing_ok=True)
     return result
 
 
@@ -217,6 +235,16 @@ def _layers_on(loaded: LoadedModel) -> dict[str, list[int]]:
     for i, layer in enumerate(loaded.arch.layers(loaded.model)):
         placed.setdefault(str(next(layer.parameters()).device), []).append(i)
     return placed
+
+
+def _placement(loaded: LoadedModel, world: World) -> dict:
+    """Where the work ran: this process's layers, and under torchrun the decomposition and every rank's layers."""
+    return {
+        "layers_on": _layers_on(loaded),
+        "world_size": world.size,
+        "decomposition": "replicas" if world.size > 1 else None,
+        "ranks": world.describe(_layers_on(loaded)) if world.size > 1 else None,
+    }
 
 
 def pattern_record(
@@ -275,14 +303,15 @@ def _named_patterns(data: dict, indexer_layers: list[int]) -> list[tuple[str, st
     ]
 
 
-def _held_out_losses(checkpoint, windows, named, batch_size, kernels, dtype, device, device_map, max_memory):
+def _held_out_losses(checkpoint, windows, named, batch_size, kernels, dtype, device, device_map, max_memory, world):
     """Loads `checkpoint` and scores `named(indexer layers)` — (row name, pattern) pairs — on `windows`.
 
-    Returns (model name, rows); the weights are released on return, so a second model can load after."""
+    Returns (model name, rows); the weights are released on return, so a second model can load after. Under
+    several processes (`world`) each pattern's windows are shared among the ranks."""
     loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
     rows = []
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
-        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label)
+        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label, world=world)
         for name, pattern in named(loaded.indexer_layers):
             rows.append(
                 {"name": name, "pattern": pattern, "num_full": len(full_layers(pattern)), "loss": scorer.loss(pattern)}
@@ -354,6 +383,8 @@ def evaluate(
     `seed` must then match the calibration's). With `data`, those three come from the DataSpec instead.
     """
     _check_batch_size(batch_size)
+    world = current()
+    world.check_device_map(device_map)
     data_file = pattern_file.read(pattern_path)
     recorded = data_file["model"].get("name")
     if model is None and recorded is None:
@@ -367,7 +398,7 @@ def evaluate(
     if data_file["model"].get("config_sha256") != checkpoint.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
     windows = calibration_windows(checkpoint, data, tokenizer, offset=offset)
-    run = (batch_size, kernels, dtype, device, device_map, max_memory)
+    run = (batch_size, kernels, dtype, world.device(device), device_map, max_memory, world)
     pattern = data_file["index_topk_pattern"]
     if "distilled_from" in data_file:
         # Only the F layers of a distilled folder have indexers: compare with the same pattern undistilled and
@@ -388,7 +419,7 @@ def evaluate(
     for row in rows:
         row["delta_vs_all_full"] = row["loss"] - base
         row["perplexity"] = float(torch.tensor(row["loss"]).exp())
-    if json_path is not None:
+    if json_path is not None and world.is_main:
         write_json(
             json_path,
             {

@@ -30,6 +30,7 @@ from .common import (
     Windows_,
     _data_spec,
     _fail,
+    across_ranks,
     err,
     friendly_errors,
     out,
@@ -76,6 +77,7 @@ class _RichObserver:
 
 @app.command()
 @friendly_errors
+@across_ranks
 def search(
     model: str | None = Model,
     ratio: float = typer.Option(defaults.RATIO, help="Fraction of indexers to keep, in (0, 1]: F = ceil(ratio·N)."),
@@ -160,6 +162,7 @@ def search(
 
 @app.command("eval")
 @friendly_errors
+@across_ranks
 def eval_(
     pattern: Path = typer.Argument(..., help="Pattern JSON written by `indexcache search`."),
     model: str | None = typer.Option(None, "--model", help="Checkpoint (default: the one the pattern records)."),
@@ -254,6 +257,7 @@ def eval_(
 
 @app.command()
 @friendly_errors
+@across_ranks
 def analyze(
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write analysis.json and overlap.png into."),
     model: str | None = Model,

@@ -12,7 +12,7 @@ from rich.table import Table
 from .. import defaults
 from ..atomic import write_json
 from ..errors import IndexCacheError
-from .common import print_table
+from .common import out, print_table
 
 
 def parse_contexts(text: str) -> list[int]:

@@ -4,9 +4,11 @@ of several commands."""
 from __future__ import annotations
 
 import functools
+import os
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import defaults
@@ -16,28 +18,54 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fail(message: str, code: int = 2, own: bool = False) -> None:
+    """Print `message` as the one error line and exit. Under torchrun rank 0 speaks for the run; another rank
+    prints only a failure that may be its own alone (`own`: its GPU's memory, its files), naming itself."""
+    if own and _rank() != 0:
+        err.quiet = False
+        message = f"rank {_rank()}: {message}"
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def friendly_errors(fn):
-    """Every user-fixable failure becomes one line on stderr and exit code 2, never a traceback."""
+    """Every user-fixable failure becomes one line on stderr and exit code 2, never a traceback. Under torchrun only
+    rank 0 prints, save a rank's own out-of-memory or file error: input errors are the same on every rank, and an
+    error in another rank's share of the work reaches rank 0 through the collectives."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import torch
 
+        out.quiet = err.quiet = _rank() != 0
         try:
             return fn(*args, **kwargs)
         except IndexCacheError as exc:
             _fail(str(exc))
-        except torch.cuda.OutOfMemoryError:
-            _fail(OOM_HINT)
+        except torch.cuda.OutOfMemoryError as exc:
+            _fail(OOM_HINT, own=not getattr(exc, "collective", False))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:
-            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), own=True)
+
+    return wrapper
+
+
+def across_ranks(fn):
+    """Under torchrun, the command runs as one rank of torchrun's process group (`distributed.joined`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..distributed import joined
+
+        with joined(defaults.COLLECTIVE_TIMEOUT_S):
+            return fn(*args, **kwargs)
 
     return wrapper
 

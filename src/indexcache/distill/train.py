@@ -25,6 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from .. import defaults
 from ..calib import DataSpec, Windows, make_windows
+from ..distributed import launched_processes
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture, LoadedModel, architecture_for, load_model
 from ..models.loading import embedded_model_path
@@ -220,6 +221,10 @@ def distill(
     weights as an uninterrupted run.
     """
     output = Path(output)
+    if launched_processes() > 1:
+        raise IndexCacheError(
+            "distill trains in one process (one GPU, or several with --device-map auto); run it without torchrun"
+        )
     _check_options(output, steps, lr, batch_size, save_every, objective)
     if resume and not state_path(output).exists():
         raise IndexCacheError(f"--resume found no saved distillation at {state_path(output)}; run without --resume")

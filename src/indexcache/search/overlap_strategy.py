@@ -14,6 +14,7 @@ import torch
 
 from ..analyze import analyze_windows, matrix_sha256
 from ..calib import Windows
+from ..distributed import World
 from ..errors import IndexCacheError
 from ..models import LoadedModel
 from ..patterns.layout import from_full_layers
@@ -31,19 +32,22 @@ def search_by_overlap(
     blocks: int | None,
     batch_size: int,
     kernels: str,
+    world: World | None = None,
 ) -> tuple[str, float, float, dict]:
     """The `target` F layers (with the `forced` block starts) that maximise the retained top-k overlap on
     `windows`. Returns (pattern, all-F loss, pattern loss, the pattern file's `search` record); `api.search`
-    builds the windows, loads the weights and writes the file, as for the greedy search."""
+    builds the windows, loads the weights and writes the file, as for the greedy search. Under several processes
+    (`world`) both forwards share their windows among the ranks."""
     n = loaded.num_layers
+    world = world or World()
     started = time.perf_counter()
-    analysis, backend = analyze_windows(loaded, windows, batch_size, kernels)
+    analysis, backend = analyze_windows(loaded, windows, batch_size, kernels, world)
     full = best_full_layers(analysis.overlap, min(target, len(loaded.indexer_layers)), loaded.indexer_layers, forced)
     pattern = from_full_layers(full, n)
     lw = LayerwiseModel(loaded.model, loaded.arch)
     install = kernels_installed(loaded.model, loaded.arch, lw.input_device, kernels, windows.input_ids.shape[1])
     with torch.inference_mode(), install as (sharing, _):
-        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size)
+        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, world=world)
         loss_final = scorer.loss(pattern)
     if not math.isfinite(loss_final):
         raise IndexCacheError(f"the chosen pattern {pattern} gives a non-finite calibration loss ({loss_final})")
@@ -53,7 +57,7 @@ def search_by_overlap(
         "forced_full": forced,
         "pruning": None,
         "cache": None,
-        "layer_forwards": analysis.layer_forwards + scorer.layer_forwards,
+        "layer_forwards": analysis.layer_forwards + world.total(scorer.layer_forwards),
         "seconds": round(time.perf_counter() - started, 3),
         "device": str(lw.input_device),
         "dtype": str(loaded.model.dtype).replace("torch.", ""),

@@ -6,7 +6,9 @@
   become the new cache at commit, so committing costs no forward. Bit-identical losses to `naive`.
 - `pruned`: `cached` plus successive halving over the windows: score all candidates on a few windows, keep
   the best half, add windows, until the survivors are scored on all of them.
-Every scorer counts the decoder-layer forwards (layer × window) it ran.
+Every scorer counts the decoder-layer forwards (layer × window) it ran. Under several processes (`World`) each
+step's candidates (and a single pattern's windows) are shared among the ranks, each of which holds the whole model
+and prefix cache: the losses gathered are the ones one process computes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..distributed import World
 from ..errors import IndexCacheError
 from ..patterns.layout import FULL, SHARED
 from ..runtime.forward import LayerInputs, LayerState, LayerwiseModel
@@ -41,13 +44,21 @@ class PatternScorer:
 
     Args:
         windows: int64 [N, L] calibration token windows, run `batch_size` windows at a time.
+        world: the processes that share the work (this one alone by default).
     """
 
     strategy = "naive"
 
     def __init__(
-        self, lw: LayerwiseModel, state: SharingState, windows: torch.Tensor, batch_size: int = 1, first_label: int = 1
+        self,
+        lw: LayerwiseModel,
+        state: SharingState,
+        windows: torch.Tensor,
+        batch_size: int = 1,
+        first_label: int = 1,
+        world: World | None = None,
     ):
+        self.world = world or World()
         self.lw = lw
         self.state = state
         self.batch_size = batch_size
@@ -55,7 +66,7 @@ class PatternScorer:
         self.num_windows = windows.shape[0]
         self.first_label = first_label  # tokens before it (a window's prefix) are fed but not scored
         self.tokens_per_window = windows.shape[1] - first_label
-        self.layer_forwards = 0
+        self.layer_forwards = 0  # this process's own
 
     def _mean(self, nll_sums: list[torch.Tensor]) -> float:
         windows = sum(s.numel() for s in nll_sums)
@@ -100,20 +111,22 @@ class PatternScorer:
         return "the final norm / LM head"
 
     def loss(self, pattern: str) -> float:
-        return self._mean([self._batch_nll(pattern, b) for b in range(len(self.batches))])
+        """Exact loss of `pattern`, its window batches shared among the ranks."""
+        sums = self.world.map(lambda b: self._batch_nll(pattern, b), range(len(self.batches)))
+        return self._mean(list(sums.values()))
 
     def commit(self, pattern: str) -> float | None:
         """Make `pattern` the committed one. Full forwards need no state, so there is no loss to return."""
         return None
 
     def score(self, pattern: str, candidates: list[int], on_candidate=None) -> dict[int, CandidateScore]:
-        """Loss of each `flip(pattern, l)` for l in `candidates`."""
-        scores = {}
-        for layer in candidates:
-            scores[layer] = CandidateScore(self.loss(flip(pattern, layer)), self.num_windows)
-            if on_candidate:
-                on_candidate(layer, scores[layer])
-        return scores
+        """Loss of each `flip(pattern, l)` for l in `candidates`, the candidates shared among the ranks."""
+
+        def full_forwards(layer: int) -> CandidateScore:
+            sums = [self._batch_nll(flip(pattern, layer), b) for b in range(len(self.batches))]
+            return CandidateScore(self._mean(sums), self.num_windows)
+
+        return self.world.map(full_forwards, candidates, on_result=on_candidate)
 
 
 @dataclass
@@ -273,8 +286,10 @@ class CachedScorer(PatternScorer):
 
     strategy = "cached"
 
-    def __init__(self, lw, state, windows, batch_size=1, plan: CachePlan | None = None, first_label: int = 1):
-        super().__init__(lw, state, windows, batch_size, first_label)
+    def __init__(
+        self, lw, state, windows, batch_size=1, plan: CachePlan | None = None, first_label: int = 1, world=None
+    ):
+        super().__init__(lw, state, windows, batch_size, first_label, world)
         self.plan = plan or CachePlan()
         self.committed: str | None = None
         self.inputs: list[LayerInputs] = []
@@ -339,6 +354,10 @@ class CachedScorer(PatternScorer):
     def _first_kept(self, layer: int) -> int:
         return layer - layer % self.plan.every
 
+    def _restart_cost(self, layer: int) -> int:
+        """Layers a flip of `layer` reruns per window: what balances the ranks' shares of a step."""
+        return self.lw.num_layers - self._first_kept(layer)
+
     @torch.no_grad()
     def commit(self, pattern: str) -> float | None:
         """Cache `pattern`'s activations and return its loss. After a flip of l only activations from l on
@@ -381,14 +400,15 @@ class CachedScorer(PatternScorer):
     def score(self, pattern, candidates, on_candidate=None):
         if pattern != self.committed:
             self.commit(pattern)
-        scores = {}
-        for layer in candidates:
+        scores = {}  # this rank's; a winner scored elsewhere is recomputed here at commit
+
+        def restart(layer: int) -> CandidateScore:
             sums = [self._flip_nll(layer, b) for b in range(len(self.batches))]
             scores[layer] = CandidateScore(self._mean(sums), self.num_windows)
             self._keep_best_suffix(scores)
-            if on_candidate:
-                on_candidate(layer, scores[layer])
-        return scores
+            return scores[layer]
+
+        return self.world.map(restart, candidates, cost=self._restart_cost, on_result=on_candidate)
 
 
 class PrunedScorer(CachedScorer):
@@ -402,9 +422,18 @@ class PrunedScorer(CachedScorer):
     strategy = "pruned"
 
     def __init__(
-        self, lw, state, windows, batch_size=1, plan=None, keep: float = 0.5, min_survivors: int = 2, first_label=1
+        self,
+        lw,
+        state,
+        windows,
+        batch_size=1,
+        plan=None,
+        keep: float = 0.5,
+        min_survivors: int = 2,
+        first_label=1,
+        world=None,
     ):
-        super().__init__(lw, state, windows, batch_size, plan, first_label)
+        super().__init__(lw, state, windows, batch_size, plan, first_label, world)
         self.keep = keep
         self.min_survivors = min_survivors
         n = len(self.batches)
@@ -424,8 +453,13 @@ class PrunedScorer(CachedScorer):
         alive = list(candidates)
         scores: dict[int, CandidateScore] = {}
         for s, upto in enumerate(self.stages):
+            added = self.world.map(
+                lambda layer, upto=upto: [self._flip_nll(layer, b) for b in range(len(sums[layer]), upto)],
+                alive,
+                cost=lambda layer, upto=upto: self._restart_cost(layer) * (upto - len(sums[layer])),
+            )
             for layer in alive:
-                sums[layer] += [self._flip_nll(layer, b) for b in range(len(sums[layer]), upto)]
+                sums[layer] += added[layer]
                 seen = sum(t.numel() for t in sums[layer])
                 scores[layer] = CandidateScore(self._mean(sums[layer]), seen)
             if s + 1 < len(self.stages):
