@@ -72,8 +72,8 @@ def _score_split_kernel(
     for j in range(lo, hi, BLOCK_N):
         keys = j + tl.arange(0, BLOCK_N)
         ok = keys < hi
-        k = tl.load(K + b * stride_kb + keys[:, None] * stride_kt + dims[None, :], mask=ok[:, None] & (dims < D)[None, :],
-                    other=0.0)  # fmt: skip
+        k_ptrs = K + b * stride_kb + keys[:, None] * stride_kt + dims[None, :]
+        k = tl.load(k_ptrs, mask=ok[:, None] & (dims < D)[None, :], other=0.0)
         if UPCAST_DOT:
             k = k.to(tl.float32)
         s = tl.dot(k, qt, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
