@@ -122,6 +122,7 @@ def decode_bench(
     dtype = next(stack.model.parameters()).dtype
     attn = stack.arch.attention(layers[0])
     latent_bytes, full_bytes = (LatentCache.allocate(attn, 1, 1, f, dtype, "meta").bytes_per_token() for f in (0, 1))
+    index_bytes = full_bytes - latent_bytes  # an F layer's indexer key per token
     rows = []
     for context in contexts:
         for batch in batches:
