@@ -152,8 +152,7 @@ def decode_bench(
                         "s_layer_ms": s_ms,
                         "projected_ms_per_token": step_ms,
                         "tokens_per_s": batch / (step_ms / 1e3),
-                        "kv_cache_bytes_per_sequence": context
-                        * (n * latent_bytes + n_full * (full_bytes - latent_bytes)),
+                        "kv_cache_bytes_per_sequence": context * (n * latent_bytes + n_full * index_bytes),
                     }
                 )
             for row in group:
