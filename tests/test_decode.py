@@ -70,6 +70,7 @@ def test_decode_step_is_the_last_prefill_position(build, pattern):
     assert [c.index_keys is not None for c in caches] == [letter == "F" for letter in pattern]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check; scripts/bench_decode.py checks the GPU")
 def test_decode_through_the_kernels(monkeypatch):
     """What `auto` picks on a GPU: the F layers' decode step runs the split-K decode indexer, attention the sparse
     MLA kernel over the cache; the same hidden state as the stock prefill's last position."""
