@@ -241,7 +241,7 @@ class Run:
         prefill_contexts = [40] if tiny else [8192, 32768, 131072, 204800]
         out = {"mlp": stack.mlp, "decode": [], "prefill": [], "errors": []}
         reps = 1 if tiny else 3
-        for context in decode_contexts:
+        for context in decode_contexts if "decode" in self.args.phases else []:
             try:
                 out["decode"] += decode_bench(stack, [context], [1, 32], patterns, self.device, "auto", reps)
             except Exception as e:  # noqa: BLE001 - record and go on (OOM at the largest sizes)
@@ -249,7 +249,7 @@ class Run:
                 traceback.print_exc()
             self.free()
             self.save_partial(key, out)
-        for context in prefill_contexts:
+        for context in prefill_contexts if "prefill" in self.args.phases else []:
             try:
                 out["prefill"] += bench(stack, [context], patterns, self.device, "auto", 1 if tiny else 2)
             except Exception as e:  # noqa: BLE001
@@ -381,6 +381,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: Triton interpreter, tiny shapes")
     parser.add_argument("--sections", nargs="*", default=None)
     parser.add_argument("--budget-s", type=float, default=400.0, help="skip the sections left after this long")
+    parser.add_argument("--phases", nargs="*", default=["decode", "prefill"], help="model sections: which rows")
     args = parser.parse_args()
     if args.tiny:
         from indexcache.kernels.testing import use_triton_interpreter
