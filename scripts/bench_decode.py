@@ -186,7 +186,7 @@ class Run:
         sizes = [300] if tiny else [32768, 131072, 204800]
         gen = torch.Generator(device=self.device).manual_seed(0)
         rows = []
-        variants = {"block64": {"block_n": 64}, "programs132": {"n_split": 132}, "cap2048": {"bucket_cap": 2048}}
+        variants = {"hist10": {"hist_bits": 10}, "block64": {"block_n": 64}, "programs132": {"n_split": 132}}
         for name, (heads, dim) in INDEXER_SHAPES.items():
             for num_keys in sizes:
                 for batch in (1, 2) if tiny else (1, 32):
