@@ -14,7 +14,12 @@ from unittest import mock
 import torch
 
 INT_POISON = -(2**31)  # never a key index, never the -1 sentinel
-_KERNEL_MODULES = ("indexcache.kernels.indexer.kernel", "indexcache.kernels.sparse_attention.kernel")
+# Reloaded in this order: the decode indexer imports the prefill indexer's select passes.
+_KERNEL_MODULES = (
+    "indexcache.kernels.indexer.kernel",
+    "indexcache.kernels.indexer_decode.kernel",
+    "indexcache.kernels.sparse_attention.kernel",
+)
 
 
 def use_triton_interpreter() -> None:

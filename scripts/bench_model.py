@@ -115,7 +115,7 @@ class Bench:
 
     def stack(self, name: str) -> LayerStack:
         config = self.configs[name]
-        return build_stack(config, config.num_hidden_layers, self.device, self.dtype)
+        return build_stack(config, config.num_hidden_layers, self.device, self.dtype, mlp="dense")
 
     # ---- correctness -------------------------------------------------------------------------------------
     def _hidden_and_loss(self, stack: LayerStack, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -131,7 +131,7 @@ class Bench:
             rec = out.setdefault(name, {})
             with self.guard(rec):
                 config = self.configs[name]
-                stack = build_stack(config, 2, self.device, self.dtype)
+                stack = build_stack(config, 2, self.device, self.dtype, mlp="dense")
                 model, arch = stack.model, stack.arch
                 ids = torch.randint(0, 1024, (1, seq), generator=torch.Generator().manual_seed(0)).to(self.device)
                 results = {}

@@ -37,6 +37,9 @@ def one_error_line(result) -> str:
         (["--ratio", "0", "--device", "cpu"], "--ratio 0"),
         (["--model", "/no/such/ckpt"], "does not exist"),
         (["--kernels", "fast", "--device", "cpu", "--context", "16"], "--kernels fast"),
+        (["--decode", "--batch", "0"], "--batch 0"),
+        (["--decode", "--batch", "one"], "batch sizes"),
+        (["--weights", "--dense-mlp"], "--dense-mlp"),
     ],
 )
 def test_bad_options_are_one_line(args, message, tmp_path):
@@ -75,11 +78,12 @@ def test_smoke_rows_on_the_reference_path(tmp_path, glm_checkpoint, monkeypatch)
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["layers_timed"] == 3 and report["weights"] == "random, dense MLP" and report["device"] == "cpu"
+    assert report["layers_timed"] == 3 and report["weights"] == "random, MoE" and report["device"] == "cpu"
     rows = report["rows"]
     assert [(r["context"], r["name"]) for r in rows] == [(c, n) for c in (24, 32) for n in ("all-F", "uniform")]
     for r in rows:
         assert r["backend"] == "reference" and r["num_layers"] == 6 and r["layers_timed"] == 3
+        assert r["phase"] == "prefill" and r["mlp"] == "moe"
         assert r["num_full"] == len(full_layers(r["pattern"]))
         assert r["ms_per_layer"] > 0 and r["projected_prefill_s"] == pytest.approx(r["ms_per_layer"] * 6 / 1e3)
         assert r["tokens_per_s"] == pytest.approx(r["context"] / r["projected_prefill_s"])
@@ -97,3 +101,32 @@ def test_smoke_rows_on_the_reference_path(tmp_path, glm_checkpoint, monkeypatch)
             assert cell in result.stdout
     assert rows[0]["speedup_vs_all_f"] == 1.0
     assert rows[1]["speedup_vs_all_f"] == pytest.approx(rows[0]["projected_prefill_s"] / rows[1]["projected_prefill_s"])
+
+
+def test_decode_smoke_rows(tmp_path, glm_checkpoint):
+    """--decode on the reference path: rows per (context, batch, pattern), projected per-token time from t_F and t_S,
+    and the KV cache of S layers without indexer keys."""
+    from transformers import AutoConfig
+
+    out = tmp_path / "decode.json"
+    result = invoke(
+        "--model", glm_checkpoint, "--device", "cpu", "--decode", "--context", "40", "--batch", "1,2", "--layers",
+        "2", "--reps", "1", "--ratio", "0.5", "--dense-mlp", "--json", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["phase"] == "decode" and report["weights"] == "random, dense MLP"
+    rows = report["rows"]
+    assert [(r["batch"], r["name"]) for r in rows] == [(b, n) for b in (1, 2) for n in ("all-F", "uniform")]
+    config = AutoConfig.from_pretrained(glm_checkpoint)
+    latent = (config.kv_lora_rank + config.qk_rope_head_dim) * 4  # fp32 on the CPU
+    for r in rows:
+        assert r["phase"] == "decode" and r["mlp"] == "dense" and r["backend"] == "reference" and r["context"] == 40
+        n_full = r["num_full"]
+        assert r["projected_ms_per_token"] == pytest.approx(n_full * r["f_layer_ms"] + (6 - n_full) * r["s_layer_ms"])
+        assert r["ms_per_layer"] == pytest.approx(r["projected_ms_per_token"] / 6)
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / (r["projected_ms_per_token"] / 1e3))
+        want_bytes = 40 * (6 * latent + n_full * config.index_head_dim * 4)
+        assert r["kv_cache_bytes_per_sequence"] == want_bytes
+    assert rows[1]["kv_cache_bytes_per_sequence"] < rows[0]["kv_cache_bytes_per_sequence"]
+    assert "decode step per layer" in result.output

@@ -261,6 +261,6 @@ def test_bench_builds_indexer_layers_of_the_released_config():
 
     config = transformers.Glm5NextConfig()
     assert timed_layers(config) == list(range(3, 45, 4))
-    text = stack_config(config, 2).get_text_config()
+    text = stack_config(config, 2, mlp="dense").get_text_config()
     assert text.layer_types == ["indexed_attention"] * 2 and text.indexer_types == ["full"] * 2
     assert text.pad_token_id is None and text.num_hidden_layers == 2

@@ -48,16 +48,13 @@ def glm_model(seed: int = 0, **config_overrides) -> GlmMoeDsaForCausalLM:
     return model
 
 
-def deepseek_model(seed: int = 0, num_layers: int = 4, index_topk: int = 8) -> DeepseekV32ForCausalLM:
+def deepseek_model(
+    seed: int = 0, num_layers: int = 4, index_topk: int = 8, **config_overrides
+) -> DeepseekV32ForCausalLM:
     torch.manual_seed(seed)
-    config = DeepseekV32Config(
-        **_TINY,
-        num_hidden_layers=num_layers,
-        index_topk=index_topk,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-    )
+    kwargs = dict(_TINY, num_hidden_layers=num_layers, index_topk=index_topk, first_k_dense_replace=1, n_group=1)
+    kwargs.update(topk_group=1, **config_overrides)
+    config = DeepseekV32Config(**kwargs)
     config._attn_implementation = "eager"
     model = DeepseekV32ForCausalLM(config).eval()
     _perturb(model, seed)

@@ -30,6 +30,7 @@ OUTPUT = "pattern.json"
 TRITON_MIN_SEQ_LEN = 2048
 BENCH_CONTEXTS = "32768,131072"
 BENCH_LAYERS = 4
+BENCH_BATCHES = "1"  # --decode: sequences per decode step
 BENCH_REPS = 3
 DISTILL_LR = 1e-3
 DISTILL_OBJECTIVE = "multi"

@@ -2,11 +2,12 @@
 uniform interleave with the same F count, through the product's path (`kernels_installed` + `LayerwiseModel`).
 
 By default K decoder layers are built from the checkpoint's config with random weights (nothing is loaded, so
-a 700B model's layers can be timed on one GPU) and every MLP is the config's dense MLP (MoE routing depends on
-trained weights; random routers would time an arbitrary expert load). `weights=True` loads the real first K
-layers (MoE included). A layer's cost depends only on whether it is F or S, so the F-layer and S-layer times are
-measured on the K layers (all-F, then F followed by S) and a pattern of N layers costs nF·t_F + nS·t_S; when K
-covers the whole model each pattern is timed as it is instead.
+a 700B model's layers can be timed on one GPU), each with the model's own MoE (`mlp="moe"`: a random router
+spreads the tokens about evenly over the experts, as trained load-balanced routers do) or the config's dense MLP
+(`mlp="dense"`). `weights=True` loads the real first K layers as the checkpoint has them. A layer's cost depends
+only on whether it is F or S, so the F-layer and S-layer times are measured on the K layers (all-F, then F
+followed by S) and a pattern of N layers costs nF·t_F + nS·t_S; when K covers the whole model each pattern is
+timed as it is instead. With `mlp="moe"` the model's few dense layers (GLM-5's first 3 of 78) count as MoE layers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..patterns.layout import full_layers, num_full_for_ratio, uniform, validate
 from ..runtime.backends import kernels_installed
 from ..runtime.forward import LayerwiseModel
 
-_VOCAB = 1024  # embeddings are not timed; a small table keeps random-weight builds light
+VOCAB = 1024  # embeddings are not timed; a small table keeps random-weight builds light
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LayerStack:
     model: nn.Module
     arch: DsaArchitecture
     num_layers: int  # indexer layers of the real model (N, `timed_layers`); the stack holds K of them
+    mlp: str  # "moe", "dense" (random weights) or "checkpoint" (the checkpoint's own first K layers)
 
 
 def timed_layers(config) -> list[int]:
@@ -42,8 +44,14 @@ def timed_layers(config) -> list[int]:
     return architecture_for(getattr(config, "model_type", None)).dsa_layer_ids(config.get_text_config())
 
 
-def stack_config(config, num_layers: int, dense_mlp: bool = True):
-    """The checkpoint's config cut to `num_layers` layers, every layer with its indexer, dense MLPs by default.
+def has_moe(config) -> bool:
+    """Whether the model has MoE layers (a config without `mlp_layer_types` builds its layers as it says)."""
+    return "sparse" in (getattr(config.get_text_config(), "mlp_layer_types", None) or [])
+
+
+def stack_config(config, num_layers: int, mlp: str = "moe"):
+    """The checkpoint's config cut to `num_layers` layers, every layer with its indexer and the MLP `mlp` names:
+    "moe" (a model with MoE layers gets MoE on all K), "dense", or "checkpoint" (as the config says).
 
     A vision-language config keeps its vision tower (never timed) and its text config is cut."""
     arch = architecture_for(getattr(config, "model_type", None))
@@ -53,13 +61,16 @@ def stack_config(config, num_layers: int, dense_mlp: bool = True):
         attribute, value = arch.dsa_layers
         setattr(text, attribute, [value] * num_layers)
     text.num_hidden_layers = num_layers
-    text.vocab_size = _VOCAB
-    if (getattr(text, "pad_token_id", None) or 0) >= _VOCAB:  # glm5_next pads with id 154820
+    text.vocab_size = VOCAB
+    if (getattr(text, "pad_token_id", None) or 0) >= VOCAB:  # glm5_next pads with id 154820
         text.pad_token_id = None
     text.max_position_embeddings = max(getattr(text, "max_position_embeddings", 0), 2**18)
-    if dense_mlp:
+    if mlp == "dense":
         text.first_k_dense_replace = num_layers
         text.mlp_layer_types = ["dense"] * num_layers
+    elif mlp == "moe" and has_moe(config):
+        text.first_k_dense_replace = 0
+        text.mlp_layer_types = ["sparse"] * num_layers
     for attr in ("index_topk_pattern", "index_topk_freq"):
         if hasattr(text, attr):
             setattr(text, attr, None)
@@ -69,27 +80,34 @@ def stack_config(config, num_layers: int, dense_mlp: bool = True):
 
 
 def build_stack(
-    config, num_layers: int, device: torch.device, dtype: torch.dtype, weights_from: str | None = None
+    config,
+    num_layers: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    weights_from: str | None = None,
+    mlp: str = "moe",
 ) -> LayerStack:
-    """K layers of `config`'s model: random weights (dense MLPs), or the checkpoint's first K layers."""
+    """K layers of `config`'s model: random weights with the MLP `mlp` names, or the checkpoint's first K layers."""
     import transformers
 
     arch = architecture_for(getattr(config, "model_type", None))
     auto_class = getattr(transformers, arch.auto_class)
     full_layers_count = len(timed_layers(config))
     if weights_from is None:
-        small = stack_config(config, num_layers)
+        mlp = mlp if has_moe(config) else "dense"  # what was built: a dense model keeps its dense MLPs
+        small = stack_config(config, num_layers, mlp)
         small._attn_implementation = "eager"
         torch.manual_seed(0)
         with torch.device(device):
             model = auto_class.from_config(small, dtype=dtype)
     else:
-        small = stack_config(config, num_layers, dense_mlp=False)
+        mlp = "checkpoint"
+        small = stack_config(config, num_layers, mlp)
         small.get_text_config().vocab_size = config.get_text_config().vocab_size
         model = auto_class.from_pretrained(
             weights_from, config=small, dtype=dtype, device_map=str(device), attn_implementation="eager"
         )
-    return LayerStack(model.to(device).eval(), arch, full_layers_count)
+    return LayerStack(model.to(device).eval(), arch, full_layers_count, mlp)
 
 
 class _Split:
@@ -148,7 +166,7 @@ def time_forward(
     `after_warmup` is called) under `pattern`: ms, split, peak GiB."""
     lw = LayerwiseModel(stack.model, stack.arch)
     cuda = device.type == "cuda"
-    ids = torch.randint(0, _VOCAB, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, VOCAB, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     state.pattern = pattern
     hidden, inputs = lw.embed(ids)
 
@@ -244,6 +262,7 @@ def bench(
                 peak = None if peak < 0 else peak
             context_rows.append(
                 {
+                    "phase": "prefill",
                     "context": seq_len,
                     "name": name,
                     "pattern": pattern,
@@ -251,6 +270,7 @@ def bench(
                     "num_layers": n,
                     "layers_timed": k,
                     "backend": backend,
+                    "mlp": stack.mlp,
                     "ms_per_layer": total_ms / n,
                     "split_ms_per_layer": {part: v / n for part, v in split.items()},
                     "tokens_per_s": seq_len / (total_ms / 1e3),

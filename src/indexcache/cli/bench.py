@@ -15,22 +15,28 @@ from ..errors import IndexCacheError
 from .common import out, print_table
 
 
-def parse_contexts(text: str) -> list[int]:
+def parse_counts(text: str, option: str, items: str, least: str) -> list[int]:
+    """A comma-separated list of integers, each at least int(`least`'s first word), or one line saying what is wrong:
+    `items` names the list's entries, `least` the bound ("2 tokens")."""
     try:
-        contexts = [int(x) for x in text.split(",") if x.strip()]
+        counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise IndexCacheError(f"--context {text} is not a comma-separated list of token counts") from None
-    if not contexts or min(contexts) < 2:
-        raise IndexCacheError(f"--context {text}: give one or more window lengths of at least 2 tokens")
-    return contexts
+        raise IndexCacheError(f"{option} {text} is not a comma-separated list of {items}") from None
+    if not counts or min(counts) < int(least.split()[0]):
+        raise IndexCacheError(f"{option} {text}: give one or more values of at least {least}")
+    return counts
+
+
+def parse_contexts(text: str) -> list[int]:
+    return parse_counts(text, "--context", "token counts", "2 tokens")
 
 
 def _device(device: str) -> torch.device:
     if device == "auto":
         if not torch.cuda.is_available():
             raise IndexCacheError(
-                "no CUDA GPU is visible: indexcache bench times GPU prefill (--device cpu smoke-runs the reference "
-                "path on tiny models only)"
+                "no CUDA GPU is visible: indexcache bench times prefill and decode on a GPU (--device cpu smoke-runs "
+                "the reference path on tiny models only)"
             )
         device = "cuda"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -50,15 +56,22 @@ def run_bench(
     device: str,
     reps: int,
     json_path: Path | None,
+    decode: bool = False,
+    batches: str = defaults.BENCH_BATCHES,
+    dense_mlp: bool = False,
 ) -> list[dict]:
     """Checks every option before anything is built; returns the rows (also written to `json_path`)."""
     from transformers import AutoConfig
 
+    from ..bench.decode import decode_bench
     from ..bench.prefill import bench, build_stack, named_patterns, timed_layers
     from ..models.loading import embedded_model_path, resolve_dtype
     from ..patterns import file as pattern_file
 
     context_list = parse_contexts(contexts)
+    batch_list = parse_counts(batches, "--batch", "batch sizes", "1 sequence")
+    if weights and dense_mlp:
+        raise IndexCacheError("--dense-mlp builds random layers; --weights loads the checkpoint's own MLPs")
     if layers < 2:
         raise IndexCacheError(f"--layers {layers} must be at least 2 (an F and an S layer are timed)")
     if reps < 1:
@@ -94,8 +107,12 @@ def run_bench(
     dev = _device(device)
     torch_dtype = resolve_dtype(dtype, dev.type)
 
-    stack = build_stack(config, min(layers, num_layers), dev, torch_dtype, name if weights else None)
-    rows = bench(stack, context_list, patterns, dev, kernels, reps)
+    mlp = "dense" if dense_mlp else "moe"
+    stack = build_stack(config, min(layers, num_layers), dev, torch_dtype, name if weights else None, mlp)
+    if decode:
+        rows = decode_bench(stack, context_list, batch_list, patterns, dev, kernels, reps)
+    else:
+        rows = bench(stack, context_list, patterns, dev, kernels, reps)
     if json_path is not None:
         write_json(
             json_path,
@@ -103,7 +120,8 @@ def run_bench(
                 "model": name,
                 "model_type": config.model_type,
                 "layers_timed": min(layers, num_layers),
-                "weights": "checkpoint" if weights else "random, dense MLP",
+                "weights": "checkpoint" if weights else f"random, {'MoE' if stack.mlp == 'moe' else 'dense MLP'}",
+                "phase": "decode" if decode else "prefill",
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "dtype": str(torch_dtype).replace("torch.", ""),
                 "date": datetime.date.today().isoformat(),
@@ -136,6 +154,25 @@ def print_rows(rows: list[dict], title: str) -> None:
     print_table(table, keys=2)  # context and row name head every part in a narrow console
 
 
+def print_decode_rows(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("context", "batch", "", "F", "ms/layer", "ms/token", "tokens/s", "KV GiB/seq", "× all-F"):
+        table.add_column(col, justify="left" if col == "" else "right")
+    for r in rows:
+        table.add_row(
+            f"{r['context']:,}",
+            str(r["batch"]),
+            r["name"],
+            f"{r['num_full']}/{r['num_layers']}",
+            f"{r['ms_per_layer']:.3f}",
+            f"{r['projected_ms_per_token']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['kv_cache_bytes_per_sequence'] / 2**30:.2f}",
+            f"{r['speedup_vs_all_f']:.2f}×",
+        )
+    out.print(table)
+
+
 def bench(
     pattern: Path | None = typer.Argument(None, help="Pattern JSON (default: the uniform pattern at --ratio)."),
     model: str | None = typer.Option(None, "--model", help="Checkpoint folder (default: the pattern's model)."),
@@ -148,10 +185,21 @@ def bench(
     device: str = typer.Option(defaults.DEVICE, help="auto (needs CUDA), cuda, cuda:N, or cpu (tiny smoke run)."),
     reps: int = typer.Option(defaults.BENCH_REPS, help="Timed forwards per measurement (median)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
+    decode: bool = typer.Option(False, "--decode", help="Time one decode step against a cache of --context tokens."),
+    batch: str = typer.Option(defaults.BENCH_BATCHES, help="--decode: comma-separated batch sizes (sequences)."),
+    dense_mlp: bool = typer.Option(False, "--dense-mlp", help="Random layers get the config's dense MLP, not MoE."),
 ):
-    """Prefill time per layer of the model's own layer shapes: all-F vs the pattern vs the uniform interleave.
+    """Prefill (or, with --decode, decode-step) time per layer of the model's own layer shapes: all-F vs the pattern
+    vs the uniform interleave.
 
-    Random weights with dense MLPs unless --weights; F- and S-layer times measured on K layers and combined by
-    each pattern's F count into a projected full-model prefill time."""
-    rows = run_bench(pattern, model, context, layers, ratio, weights, kernels, dtype, device, reps, json_path)
-    print_rows(rows, f"prefill per layer · {model or pattern or 'embedded model'}")
+    Random weights with the model's MoE (--dense-mlp: dense MLPs) unless --weights; F- and S-layer times measured on
+    K layers and combined by each pattern's F count into a projected full-model time."""
+    rows = run_bench(
+        pattern, model, context, layers, ratio, weights, kernels, dtype, device, reps, json_path, decode, batch,
+        dense_mlp,
+    )  # fmt: skip
+    where = model or pattern or "embedded model"
+    if decode:
+        print_decode_rows(rows, f"decode step per layer · {where}")
+    else:
+        print_rows(rows, f"prefill per layer · {where}")

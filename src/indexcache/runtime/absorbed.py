@@ -13,7 +13,9 @@ an FP8 block-quantised `kv_b_proj` (transformers' `FP8Linear`: float8 weight + `
 dequantised there.
 
 `absorbed_attention(model, arch)` installs the forward on every layer for the duration of a `with` block; the
-layer's indexer (an `index_sharing` switch on F and S layers) still decides the indices. Prefill only (no cache).
+layer's indexer (an `index_sharing` switch on F and S layers) still decides the indices. transformers' own KV cache
+is refused; with one `runtime.decode.LatentCache` per layer (`caches=`) the new tokens' latent rows are appended to
+it and attention reads every cached row: decode, or a prefill that fills the cache.
 """
 
 from __future__ import annotations
@@ -103,17 +105,21 @@ def absorbed_forward(
     cache=None,
     position_ids: torch.Tensor | None = None,
     prev_topk_indices: torch.Tensor | None = None,
+    latent_cache=None,
     **kwargs,
 ):
     """The attention layer's forward with the absorbed latent kernel: hidden [B, S, hidden] -> [B, S, hidden].
 
     Same projections, norms and RoPE as transformers' layer; the indices come from the layer's indexer (or, on a
-    stock glm_moe_dsa "shared" layer, `prev_topk_indices`). Returns what the family's layer returns.
+    stock glm_moe_dsa "shared" layer, `prev_topk_indices`). With `latent_cache` (a `LatentCache` holding T0
+    earlier tokens) the S new tokens are positions T0 … T0 + S - 1: their latent rows join the cache, attention
+    reads all T0 + S rows, and the indexer receives the cache as its `cache`. Returns what the family's layer
+    returns.
     """
     from ..kernels.sparse_attention import sparse_mla_attention
 
     if cache is not None:
-        raise IndexCacheError("absorbed MLA attention runs prefill only; call the model with use_cache=False")
+        raise IndexCacheError("absorbed MLA attention keeps its own latent cache; call the model with use_cache=False")
     batch, seq_len, _ = hidden_states.shape
     n_heads, nope, rope_dim = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     latent_dim, v_dim = attn.kv_lora_rank, attn.v_head_dim
@@ -125,17 +131,21 @@ def absorbed_forward(
     cos, sin = position_embeddings
     q_rot, k_rot = family.rope(q_rot, k_rot.view(batch, seq_len, 1, rope_dim), cos, sin, unsqueeze_dim=2)
     k_rot = k_rot.squeeze(2).contiguous()  # [B, T, Dr]
+    first_position = 0
+    if latent_cache is not None:
+        first_position = latent_cache.length
+        kv_latent, k_rot = latent_cache.append(kv_latent, k_rot)
 
     if attn.indexer is not None:
         mask = attention_mask[:, 0, :, :] if attention_mask is not None else None
-        indices = attn.indexer(hidden_states, q_resid, position_embeddings, mask, position_ids, cache=None)
+        indices = attn.indexer(hidden_states, q_resid, position_embeddings, mask, position_ids, cache=latent_cache)
     elif prev_topk_indices is not None:
         indices = prev_topk_indices
     else:
         raise IndexCacheError(f"layer {attn.layer_idx} shares top-k indices but no earlier layer passed any")
     # A stock indexer fills rows with fewer than k visible keys with future ones, which its masked attention then
-    # hides; the sparse kernel attends to every index it gets, so drop them: query i sees keys j ≤ i (prefill).
-    query_pos = torch.arange(seq_len, device=indices.device)[None, :, None]
+    # hides; the sparse kernel attends to every index it gets, so drop them: the query at position i sees keys j ≤ i.
+    query_pos = first_position + torch.arange(seq_len, device=indices.device)[None, :, None]
     indices = torch.where(indices <= query_pos, indices, -1)
 
     out = hidden_states.new_empty(batch, seq_len, n_heads * v_dim)
@@ -152,8 +162,11 @@ def absorbed_forward(
 
 
 @contextmanager
-def absorbed_attention(model: nn.Module, arch: DsaArchitecture, enabled: bool = True) -> Iterator[bool]:
+def absorbed_attention(
+    model: nn.Module, arch: DsaArchitecture, enabled: bool = True, caches: list | None = None
+) -> Iterator[bool]:
     """Every DSA attention layer of `model` runs `absorbed_forward` inside the block; the stock forward after it.
+    `caches`: one `LatentCache` per layer, or None (prefill without a cache).
 
     Yields whether it installed anything: nothing when disabled or when the family is not one it knows (then
     the registered sparse attention over transformers' expanded keys keeps working as before).
@@ -165,8 +178,9 @@ def absorbed_attention(model: nn.Module, arch: DsaArchitecture, enabled: bool = 
     family = families[arch.model_type]
     attns = [arch.attention(layer) for layer in arch.layers(model)]
     try:
-        for attn in attns:
-            attn.forward = partial(absorbed_forward, attn, AbsorbedWeights.of(attn), family)
+        for i, attn in enumerate(attns):
+            latent_cache = None if caches is None else caches[i]
+            attn.forward = partial(absorbed_forward, attn, AbsorbedWeights.of(attn), family, latent_cache=latent_cache)
         yield True
     finally:
         for attn in attns:
