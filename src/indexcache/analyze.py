@@ -108,12 +108,9 @@ class SelectionRecorder:
     returns the batch's sums and drops its selections.
     """
 
-    def __init__(
-        self, arch: DsaArchitecture, num_layers: int, topk: int, layer_of: dict[int, int], first: int, ratio: int = 1
-    ):
+    def __init__(self, arch: DsaArchitecture, num_layers: int, layer_of: dict[int, int], first: int, ratio: int = 1):
         self.compute: IndexerFn | None = None
         self.arch = arch
-        self.topk = topk
         self.layer_of, self.first, self.ratio = layer_of, first, ratio
         self.num_layers = num_layers
         self.sums = SelectionSums.zeros(num_layers)
@@ -200,7 +197,7 @@ def analyze_windows(
     world = world or World()
     lw = LayerwiseModel(loaded.model, loaded.arch)
     layer_of = {id(loaded.arch.indexer(layer)): i for i, layer in enumerate(lw.layers) if i in loaded.indexer_layers}
-    recorder = SelectionRecorder(loaded.arch, n, topk, layer_of, first, ratio)
+    recorder = SelectionRecorder(loaded.arch, n, layer_of, first, ratio)
     batches = windows.input_ids.split(batch_size)
     device = lw.input_device
     install = kernels_installed(loaded.model, loaded.arch, device, kernels, seq_len, wrap_indexer=recorder.around)
