@@ -12,10 +12,9 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from indexcache.kernels.testing import use_triton_interpreter
+from indexcache.kernels.testing import kernel_device
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache.cli.app import app  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
@@ -116,11 +115,11 @@ def _kernel_loss(model, pattern: str, ids: torch.Tensor, backend: str, record: l
 
 
 def test_kernel_path_selects_what_the_stock_indexer_selects():
-    """The Triton indexer over compressed entries (TRITON_INTERPRET=1 on the CPU), through the product's backend
-    choice, returns the stock indexer's int64 entry ids (-1 where a query sees no entry yet), and the loss through
-    it is the reference's."""
-    model = v4_model(seed=1, index_n_heads=8, index_head_dim=32)  # 8 heads: few exact ties after the ReLU
-    ids = random_ids(1, V4_SEQ, seed=3)
+    """The Triton indexer over compressed entries (compiled on a GPU, TRITON_INTERPRET=1 on the CPU), through the
+    product's backend choice, returns the stock indexer's int64 entry ids (-1 where a query sees no entry yet), and
+    the loss through it is the reference's."""
+    model = v4_model(seed=1, index_n_heads=8, index_head_dim=32).to(DEVICE)  # 8 heads: few exact ties after ReLU
+    ids = random_ids(1, V4_SEQ, seed=3).to(DEVICE)
     stock, kernel = [], []
     indexer = model.model.layers[2].self_attn.compressor.indexer
     handle = indexer.register_forward_hook(lambda module, args, out: stock.append(out))

@@ -13,10 +13,9 @@ import transformers
 from transformers.masking_utils import create_causal_mask
 from typer.testing import CliRunner
 
-from indexcache.kernels.testing import use_triton_interpreter
+from indexcache.kernels.testing import kernel_device
 
-if not torch.cuda.is_available():
-    use_triton_interpreter()
+DEVICE = kernel_device()  # before the kernel modules load: they pick compiler or interpreter then
 
 from indexcache.cli.app import app  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
@@ -35,15 +34,16 @@ SEQ = 40  # a query keeps at most 8 + 3 tokens: most of the 40 positions choose
 
 
 def _qsa_inputs(model, seq_len: int, seed: int, batch: int = 2):
-    """Layer 3's QSA indexer with its stock inputs: hidden [B, S, H], (cos, sin) of mRoPE positions, the mask."""
+    """Layer 3's QSA indexer with its stock inputs on the model's device: hidden [B, S, H], (cos, sin) of mRoPE
+    positions, the mask."""
     gen = torch.Generator().manual_seed(seed)
-    base = model.model
-    hidden = torch.randn(batch, seq_len, base.config.hidden_size, generator=gen)
-    positions = torch.arange(seq_len)[None, None].expand(3, batch, -1)
+    base, device = model.model, model.device
+    hidden = torch.randn(batch, seq_len, base.config.hidden_size, generator=gen).to(device)
+    positions = torch.arange(seq_len, device=device)[None, None].expand(3, batch, -1)
     rotary = base.rotary_emb(hidden, positions)
     mask = create_causal_mask(
         config=base.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-        position_ids=torch.arange(seq_len)[None], allow_is_causal_skip=False,
+        position_ids=positions[0, :1], allow_is_causal_skip=False,
     )  # fmt: skip
     return base.layers[3].self_attn.indexer, hidden, rotary, mask
 
@@ -67,22 +67,24 @@ def _rows(selection: torch.Tensor) -> torch.Tensor:
 
 
 def test_kernel_selections_equal_the_references():
-    """Under Triton's interpreter: the pooled kernel path selects glm5_next's stock token set (pools expanded, tail
-    appended) and the QSA reference's set. 8 indexer heads with positive weights, so no exact ties at zero."""
-    model = glm5_next_model(seed=3, index_n_heads=8)
+    """Compiled on a GPU, under Triton's interpreter on the CPU: the pooled kernel path selects glm5_next's stock
+    token set (pools expanded, tail appended) and the QSA reference's set. 8 indexer heads with positive weights, so
+    no exact ties at zero."""
+    model = glm5_next_model(seed=3, index_n_heads=8).to(DEVICE)
     indexer = model.model.language_model.layers[3].self_attn.indexer
     with torch.no_grad():
         indexer.weights_proj.weight.abs_()
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, 30, 32, generator=gen)
-    q_resid = torch.randn(1, 30, 24, generator=gen)
-    valid = torch.ones(1, 30, dtype=torch.bool)
+    hidden = torch.randn(1, 30, 32, generator=gen).to(DEVICE)
+    q_resid = torch.randn(1, 30, 24, generator=gen).to(DEVICE)
+    valid = torch.ones(1, 30, dtype=torch.bool, device=DEVICE)
     with torch.no_grad(), forced("triton"):
         stock = indexer(hidden_states=hidden, q_resid=q_resid, attention_mask=valid, cache=None)
         ours = kpool_kernel(indexer, hidden_states=hidden, q_resid=q_resid, attention_mask=valid, cache=None)
     assert ours.shape == stock.shape and torch.equal(_rows(ours), _rows(stock))
 
-    indexer, hidden, rotary, _ = _qsa_inputs(qwen4_exp_text_model(seed=4, indexer_n_heads=8), 30, seed=1, batch=1)
+    qwen = qwen4_exp_text_model(seed=4, indexer_n_heads=8).to(DEVICE)
+    indexer, hidden, rotary, _ = _qsa_inputs(qwen, 30, seed=1, batch=1)
     with torch.no_grad(), forced("triton"):
         got = qsa_kernel(indexer, hidden, rotary)
     assert torch.equal(_rows(got), _rows(qsa_reference(indexer, hidden, rotary)))
@@ -161,11 +163,11 @@ def test_prefix_cache_equals_full_forwards(family):
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_kernel_path_reproduces_the_reference_loss(family):
-    """`--kernels triton`'s choice run on the CPU (Triton's interpreter): the pooled kernel selection and the
-    family's own attention give the reference loss."""
+    """`--kernels triton`'s choice (compiled on a GPU, Triton's interpreter on the CPU): the pooled kernel selection
+    and the family's own attention give the reference loss."""
     overrides = {"glm5_next": {"index_n_heads": 8}, "qwen4_exp_text": {"indexer_n_heads": 8}}[family]
-    model, arch = BUILDERS[family](seed=2, **overrides), architecture_for(family)
-    ids = random_ids(1, 32, seed=5)
+    model, arch = BUILDERS[family](seed=2, **overrides).to(DEVICE), architecture_for(family)
+    ids = random_ids(1, 32, seed=5).to(DEVICE)
     losses = {}
     for backend in ("reference", "triton"):
         name, indexer_fn, attn = select_backend(arch, torch.device("cuda"), backend)
