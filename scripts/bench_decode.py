@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -54,6 +55,7 @@ class Run:
         import triton
 
         meta = {"date": datetime.date.today().isoformat(), "argv": sys.argv, "torch": torch.__version__}
+        meta["commit"] = os.environ.get("GIT_COMMIT")  # the device machine's copy has no .git
         meta |= {"triton": triton.__version__, "transformers": transformers.__version__}
         if self.cuda:
             meta["card"] = torch.cuda.get_device_name()
@@ -186,7 +188,7 @@ class Run:
         sizes = [300] if tiny else [32768, 131072, 204800]
         gen = torch.Generator(device=self.device).manual_seed(0)
         rows = []
-        variants = {"hist10": {"hist_bits": 10}, "block64": {"block_n": 64}, "programs132": {"n_split": 132}}
+        variants = {"block64": {"block_n": 64}, "programs132": {"n_split": 132}, "programs528": {"n_split": 528}}
         for name, (heads, dim) in INDEXER_SHAPES.items():
             for num_keys in sizes:
                 for batch in (1, 2) if tiny else (1, 32):
