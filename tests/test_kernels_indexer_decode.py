@@ -17,7 +17,7 @@ from indexcache.kernels.indexer_decode.kernel import decode_indexer_topk_triton 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small blocks, so that the CPU cases cross split, block and radix-pass boundaries.
-SMALL = dict(block_n=32, num_warps=1, num_stages=1, collect_block=64, merge_block=64, merge_warps=1)
+SMALL = dict(block_n=32, num_warps=1, num_stages=1, collect_block=64, merge_block=64)
 
 
 def _inputs(batch, num_keys, n_heads, head_dim, seed):

@@ -12,10 +12,10 @@ first two levels by every program at once:
    23–16 of its keys whose first digit is d1 (re-read from L2) into the sequence's second histogram.
 3. `_collect_split_kernel` — with the 16-bit prefix of the k-th key known, every program writes its keys above it
    straight into the output row and appends its keys sharing it (a few dozen in a row) to the sequence's scratch
-   row; positions come from one atomic counter add per block.
-4. `_merge_kernel` — one program per sequence radix-selects the missing picks among those candidates with the
-   prefill kernel's passes (bits 15–8, 7–0); when they overflowed the scratch row (many near-equal scores) it
-   selects from the whole score row instead. Slots past the picks get -1.
+   row; positions come from one atomic counter add per block. The last of a sequence's programs to finish (a
+   ticket counter) then merges (`_merge`): it radix-selects the missing picks among those candidates with the
+   prefill kernel's passes (bits 15–8, 7–0), or from the whole score row when they overflowed the scratch row (many
+   near-equal scores), and writes -1 past the picks. (A launch of its own for the merge cost ~2 µs more a step.)
 
 Bytes: the keys once (T·D·2 per sequence), the fp32 scores written once and read twice more from L2. The picks of a
 row come in no fixed order, and exact ties at the k-th score are broken in no fixed order either. (v1 resolved 12
@@ -31,7 +31,8 @@ import triton.language as tl
 from ..indexer.kernel import _SCORES, _SCRATCH, _collect, _digit_of_rank, _radix_passes
 from ..triton_utils import interpreting
 
-_TARGET_PROGRAMS = 264  # two waves of an H200's 132 multiprocessors: split rows until a launch has this many
+_WAVE = 132  # an H200's multiprocessors: rows are split until a launch fills them once
+_KEYS_PER_PROGRAM = 1024  # and longer rows further: short programs keep the last wave's tail short
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def _order_keys(score):
 
 # Module globals read inside @triton.jit must be tl.constexpr (the interpreter accepts plain ints, the compiler not).
 _BINS = tl.constexpr(256)
-_HIST = tl.constexpr(2 * 256)  # per sequence: the two histograms, then the pick and candidate counters
+_HIST = tl.constexpr(2 * 256)  # per sequence: the two histograms, then the pick, candidate and ticket counters
 
 
 @triton.jit
@@ -120,7 +121,7 @@ def _collect_split_kernel(
     Scores, Counters, Out, ScratchKey, ScratchIdx,
     T, split_len,
     stride_sb, stride_cb, stride_ob,
-    TOPK: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+    TOPK: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, MERGE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -146,16 +147,16 @@ def _collect_split_kernel(
             at = tl.atomic_add(counts + 1, n_inside, sem="relaxed") + (ranks & 65535) - 1
             tl.store(ScratchKey + b * CAP + at, order.to(tl.int32, bitcast=True), mask=inside & (at < CAP))
             tl.store(ScratchIdx + b * CAP + at, keys, mask=inside & (at < CAP))
+    tl.debug_barrier()  # every thread's stores are issued before the ticket releases them
+    if tl.atomic_add(counts + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        _merge(Scores, Counters, Out, ScratchKey, ScratchIdx, b, T, stride_sb, stride_cb, stride_ob, TOPK, CAP,
+               MERGE_BLOCK)  # fmt: skip
 
 
 @triton.jit
-def _merge_kernel(
-    Scores, Counters, Out, ScratchKey, ScratchIdx,
-    T,
-    stride_sb, stride_cb, stride_ob,
-    TOPK: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
+def _merge(Scores, Counters, Out, ScratchKey, ScratchIdx, b, T, stride_sb, stride_cb, stride_ob,
+           TOPK: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Sequence b's missing picks, once all its collect programs are done (see the module docstring)."""
     d1, prefix16, _ = _prefix16(Counters, b, stride_cb, TOPK)  # int32; the passes below carry uint32 prefixes
     n_above = tl.load(Counters + b * stride_cb + _HIST)
     n_inside = tl.load(Counters + b * stride_cb + _HIST + 1)
@@ -192,13 +193,12 @@ def decode_indexer_topk_triton(
     num_stages: int = 3,
     collect_block: int = 1024,
     merge_block: int = 512,
-    merge_warps: int = 4,
     bucket_cap: int = 8192,
     n_split: int | None = None,
 ) -> torch.Tensor:
     """int32 [B, topk]; the contract of `decode_indexer_topk_reference` (q: [B, H, D], k: [B, T, D], weights: fp32
-    [B, H]). Each row's keys are split over `n_split` programs (default: enough for two waves of the GPU, at least
-    one key block each)."""
+    [B, H]). Each row's keys are split over `n_split` programs (default: enough to fill the GPU once, and at most
+    `_KEYS_PER_PROGRAM` keys each, at least one key block each)."""
     batch, n_heads, head_dim = q.shape
     num_keys = k.shape[1]
     if topk & (topk - 1):
@@ -206,11 +206,12 @@ def decode_indexer_topk_triton(
     q, k = q.contiguous(), k.contiguous()
     w = (weights.float() * softmax_scale).contiguous()  # ReLU(s · x) · w = ReLU(x) · (s · w) for s > 0
     if n_split is None:
-        n_split = min(triton.cdiv(num_keys, block_n), max(1, triton.cdiv(_TARGET_PROGRAMS, batch)))
+        n_split = triton.cdiv(num_keys, _KEYS_PER_PROGRAM)
+        n_split = min(triton.cdiv(num_keys, block_n), max(n_split, triton.cdiv(_WAVE, batch)))
     split_len = triton.cdiv(triton.cdiv(num_keys, n_split), block_n) * block_n
     n_split = triton.cdiv(num_keys, split_len)
-    # One zeroed buffer per sequence: both histograms, then the pick and candidate counters (a single memset).
-    counters = torch.zeros((batch, _HIST.value + 2), dtype=torch.int32, device=q.device)
+    # One zeroed buffer per sequence: both histograms, then the three counters (a single memset).
+    counters = torch.zeros((batch, _HIST.value + 3), dtype=torch.int32, device=q.device)
     scores = torch.empty((batch, num_keys), dtype=torch.float32, device=q.device)
     out = torch.empty((batch, topk), dtype=torch.int32, device=q.device)
     scratch_key = torch.empty((batch, bucket_cap), dtype=torch.int32, device=q.device)
@@ -228,17 +229,10 @@ def decode_indexer_topk_triton(
         scores, counters, num_keys, split_len, scores.stride(0), counters.stride(0),
         TOPK=topk, BLOCK=collect_block, num_warps=num_warps,
     )  # fmt: skip
-    common = dict(TOPK=topk, CAP=bucket_cap)
     _collect_split_kernel[(n_split, batch)](
         scores, counters, out, scratch_key, scratch_idx,
         num_keys, split_len,
         scores.stride(0), counters.stride(0), out.stride(0),
-        BLOCK=collect_block, num_warps=num_warps, **common,
-    )  # fmt: skip
-    _merge_kernel[(batch,)](
-        scores, counters, out, scratch_key, scratch_idx,
-        num_keys,
-        scores.stride(0), counters.stride(0), out.stride(0),
-        BLOCK=merge_block, num_warps=merge_warps, **common,
+        TOPK=topk, CAP=bucket_cap, BLOCK=collect_block, MERGE_BLOCK=merge_block, num_warps=num_warps,
     )  # fmt: skip
     return out
