@@ -28,3 +28,16 @@ def test_mlp_in_chunks_equals_the_whole_window_and_restores():
     for got, want in zip(chunked, whole, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(short, whole[2][:, :5], rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_installed_chunks_every_mlp_and_restores():
+    """The product's forward (search, eval, bench) takes long windows' MLPs in chunks: `kernels_installed` installs
+    the chunking on every layer and takes it off on exit."""
+    from indexcache.models import architecture_for
+    from indexcache.runtime.backends import kernels_installed
+
+    model = glm_model(num_layers=3)
+    arch = architecture_for("glm_moe_dsa")
+    with kernels_installed(model, arch, torch.device("cpu"), "reference"):
+        assert all(layer.mlp.forward.__name__ == "chunked_forward" for layer in arch.layers(model))
+    assert not any("forward" in vars(layer.mlp) for layer in arch.layers(model))
