@@ -15,7 +15,7 @@ first two levels by every program at once:
    row; positions come from one atomic counter add per block. The last of a sequence's programs to finish (a
    ticket counter) then merges (`_merge`): it radix-selects the missing picks among those candidates with the
    prefill kernel's passes (bits 15–8, 7–0), or from the whole score row when they overflowed the scratch row (many
-   near-equal scores), and writes -1 past the picks. (A launch of its own for the merge cost ~2 µs more a step.)
+   near-equal scores), and writes -1 past the picks. (A launch of its own for the merge cost about 1 µs more a step.)
 
 Bytes: the keys once (T·D·2 per sequence), the fp32 scores written once and read twice more from L2. The picks of a
 row come in no fixed order, and exact ties at the k-th score are broken in no fixed order either. (v1 resolved 12
@@ -127,7 +127,7 @@ def _collect_split_kernel(
     b = tl.program_id(1).to(tl.int64)
     d1, prefix, _ = _prefix16(Counters, b, stride_cb, TOPK)
     prefix = tl.where(d1 < 0, -1, prefix)  # a row of at most TOPK keys: every key is above
-    counts = Counters + b * stride_cb + _HIST  # [picks, candidates] so far
+    counts = Counters + b * stride_cb + _HIST  # [picks, candidates, programs done] so far
     lo = split * split_len
     hi = tl.minimum(lo + split_len, T)
     for j in range(lo, hi, BLOCK):
