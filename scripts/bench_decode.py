@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -54,6 +55,7 @@ class Run:
         import triton
 
         meta = {"date": datetime.date.today().isoformat(), "argv": sys.argv, "torch": torch.__version__}
+        meta["commit"] = os.environ.get("GIT_COMMIT")  # the device machine's copy has no .git
         meta |= {"triton": triton.__version__, "transformers": transformers.__version__}
         if self.cuda:
             meta["card"] = torch.cuda.get_device_name()
@@ -96,6 +98,22 @@ class Run:
     def per_set_us(self, fn, inputs: list[tuple]) -> float:
         """µs per call of `fn(*args)`, from one graph that calls it once on each input set."""
         return self.graph_ms(lambda: [fn(*args) for args in inputs]) * 1e3 / len(inputs)
+
+    def kernel_us(self, fn, inputs: list[tuple], calls: int = 10) -> dict:
+        """Mean device µs per call of each kernel (and memset) that `fn(*args)` launches, over `calls` rounds of the
+        input sets (torch.profiler: time on the GPU only, so the sum leaves out the gaps between launches)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        for args in inputs:
+            fn(*args)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                for args in inputs:
+                    fn(*args)
+            torch.cuda.synchronize()
+        per_call = calls * len(inputs)
+        return {e.key: e.device_time_total / per_call for e in prof.key_averages() if e.device_time_total > 0}
 
     def free(self):
         import gc
@@ -186,7 +204,11 @@ class Run:
         sizes = [300] if tiny else [32768, 131072, 204800]
         gen = torch.Generator(device=self.device).manual_seed(0)
         rows = []
-        variants = {"hist10": {"hist_bits": 10}, "block64": {"block_n": 64}, "programs132": {"n_split": 132}}
+        variants = {  # launch options as functions of (batch, keys); the default splits rows into <= 1,024 keys
+            "split_264_per_launch": lambda batch, keys: {"n_split": math.ceil(264 / batch)},  # the first v2 rule
+            "split_512_keys": lambda batch, keys: {"n_split": math.ceil(keys / 512)},
+            "block64": lambda batch, keys: {"block_n": 64},
+        }
         for name, (heads, dim) in INDEXER_SHAPES.items():
             for num_keys in sizes:
                 for batch in (1, 2) if tiny else (1, 32):
@@ -204,11 +226,18 @@ class Run:
                     timed_variants = (
                         variants if name == "glm5" and num_keys == sizes[len(sizes) // 2] and not tiny else {}
                     )
-                    for label, launch in {"default": {}, **timed_variants}.items():
+                    for label, launch in {"default": lambda batch, keys: {}, **timed_variants}.items():
                         split_k = partial(
-                            decode_indexer_topk_triton, weights=w, topk=topk, softmax_scale=scale, **launch
+                            decode_indexer_topk_triton,
+                            weights=w,
+                            topk=topk,
+                            softmax_scale=scale,
+                            **launch(batch, num_keys),
                         )
                         row[f"{label}_us"] = self.per_set_us(lambda q, k, f=split_k: f(q, k), inputs)
+                    if timed_variants and self.cuda:
+                        default = partial(decode_indexer_topk_triton, weights=w, topk=topk, softmax_scale=scale)
+                        row["profiled_kernels"] = self.kernel_us(default, inputs)
                     prefill = partial(lightning_indexer_topk_triton, weights=w[:, None], topk=topk, softmax_scale=scale)
                     row["prefill_kernel_us"] = self.per_set_us(lambda q, k, f=prefill: f(q[:, None], k), inputs)
                     row["x_floor"] = row["default_us"] / row["floor_us"]
@@ -352,6 +381,8 @@ def print_table(results: dict) -> None:
         extra = {k: round(v, 1) for k, v in r.items() if k.endswith("_us") and k not in skip}
         print(f"  {r['shape']} {r['keys']} {r['batch']} | {r['default_us']:.1f} ({r['x_floor']:.2f}x, "
               f"{r['tb_s']:.2f}) | {r['prefill_kernel_us']:.1f} | {extra}")  # fmt: skip
+        if "profiled_kernels" in r:
+            print("    profiled, µs per call:", {name[:40]: round(us, 1) for name, us in r["profiled_kernels"].items()})
     for key in ("glm5", "dsv32", "glm5_dense"):
         rec = sec.get(key, {})
         for r in rec.get("decode", []):

@@ -16,8 +16,8 @@ from indexcache.kernels.indexer_decode import decode_indexer_topk_reference  # n
 from indexcache.kernels.indexer_decode.kernel import decode_indexer_topk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Small blocks and few bins, so that the CPU cases cross split, block and radix-pass boundaries.
-SMALL = dict(block_n=32, num_warps=1, num_stages=1, hist_bits=8, collect_block=64, merge_block=64, merge_warps=1)
+# Small blocks, so that the CPU cases cross split, block and radix-pass boundaries.
+SMALL = dict(block_n=32, num_warps=1, num_stages=1, collect_block=64, merge_block=64)
 
 
 def _inputs(batch, num_keys, n_heads, head_dim, seed):
@@ -42,7 +42,7 @@ def check(q, k, w, topk, scale, **launch):
     [
         pytest.param(2, 301, 4, 32, 16, {}, id="B2-T301-H4-D32-K16"),
         pytest.param(3, 300, 2, 16, 32, {"n_split": 4}, id="B3-T300-H2-D16-K32-4splits"),
-        pytest.param(1, 513, 3, 24, 64, {"hist_bits": 12, "n_split": 1}, id="B1-T513-H3-D24-K64-12bits-1split"),
+        pytest.param(1, 513, 3, 24, 64, {"n_split": 1}, id="B1-T513-H3-D24-K64-1split"),
         pytest.param(2, 20, 4, 32, 32, {}, id="B2-T20-K32-fewer-keys-than-k"),
         pytest.param(1, 64, 4, 32, 64, {}, id="B1-T64-K64-exactly-k"),
         pytest.param(2, 200, 4, 32, 16, {"bucket_cap": 2}, id="B2-T200-K16-bin-overflows-scratch"),

@@ -2,20 +2,24 @@
 
 The prefill kernel selects each query row in one program; a decode step has one row per sequence, which one program
 streams from one multiprocessor (NOTES.md: 465 µs for 128K keys on an H200, 72 GB/s). Here each row's keys are split
-over `n_split` programs and the top k is merged in three launches:
+over `n_split` programs and the top k is found by radix digits of the scores' order keys, 8 bits at a time, the
+first two levels by every program at once:
 
 1. `_score_split_kernel` — program (split, b) scores its keys on the tensor cores ([BLOCK_N, D] × [D, H], ReLU, head
-   weights, head sum), writes the fp32 scores and adds a histogram of their top HIST_BITS order-key bits (sign,
-   exponent, first mantissa bits) into the sequence's global histogram (atomics, non-empty bins only).
-2. `_collect_split_kernel` — every program reads that histogram, finds the bin holding the k-th key and re-reads its
-   own scores (from L2): keys in higher bins are picks, written straight into the output row; keys in that bin are
-   candidates, appended to the sequence's scratch row. Positions come from one atomic counter add per block.
-3. `_merge_kernel` — one program per sequence radix-selects the missing picks among the candidates (a few thousand
-   at 128K keys) with the prefill kernel's passes; when the bin overflowed the scratch row (many near-equal scores)
-   it selects from the whole score row instead. Slots past the picks get -1.
+   weights, head sum), writes the fp32 scores and adds a 256-bin histogram of their top 8 bits (sign and exponent)
+   into the sequence's first histogram (atomics, non-empty bins only).
+2. `_refine_split_kernel` — every program finds the first digit d1 of the k-th key and adds the histogram of bits
+   23–16 of its keys whose first digit is d1 (re-read from L2) into the sequence's second histogram.
+3. `_collect_split_kernel` — with the 16-bit prefix of the k-th key known, every program writes its keys above it
+   straight into the output row and appends its keys sharing it (a few dozen in a row) to the sequence's scratch
+   row; positions come from one atomic counter add per block. The last of a sequence's programs to finish (a
+   ticket counter) then merges (`_merge`): it radix-selects the missing picks among those candidates with the
+   prefill kernel's passes (bits 15–8, 7–0), or from the whole score row when they overflowed the scratch row (many
+   near-equal scores), and writes -1 past the picks. (A launch of its own for the merge cost about 1 µs more a step.)
 
-Bytes: the keys once (T·D·2 per sequence), the fp32 scores written once and read once more from L2. The picks of a
-row come in no fixed order, and exact ties at the k-th score are broken in no fixed order either.
+Bytes: the keys once (T·D·2 per sequence), the fp32 scores written once and read twice more from L2. The picks of a
+row come in no fixed order, and exact ties at the k-th score are broken in no fixed order either. (v1 resolved 12
+bits with one 4,096-bin histogram per key block: 16-17x the key-read floor, bound by that histogram; NOTES.md.)
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..indexer.kernel import _SCORES, _SCRATCH, _collect, _radix_passes
+from ..indexer.kernel import _SCORES, _SCRATCH, _collect, _digit_of_rank, _radix_passes
 from ..triton_utils import interpreting
 
-_TARGET_PROGRAMS = 264  # two waves of an H200's 132 multiprocessors: split rows until a launch has this many
+_WAVE = 132  # an H200's multiprocessors: rows are split until a launch fills them once
+_KEYS_PER_PROGRAM = 1024  # and longer rows further: short programs keep the last wave's tail short
 
 
 @triton.jit
@@ -37,12 +42,19 @@ def _order_keys(score):
     return (bits ^ tl.where(bits < 0, -1, -2147483648)).to(tl.uint32, bitcast=True)
 
 
+# Module globals read inside @triton.jit must be tl.constexpr (the interpreter accepts plain ints, the compiler not).
+_BINS = tl.constexpr(256)
+_HIST = tl.constexpr(2 * 256)  # per sequence: the two histograms, then the pick, candidate and ticket counters
+
+
 @triton.jit
-def _threshold_bin(Counters, b, stride_cb, TOPK: tl.constexpr, HIST_BITS: tl.constexpr):
-    """The histogram bin holding the TOPK-th largest key of sequence b; -1 when the row has at most TOPK keys."""
-    hist = tl.load(Counters + b * stride_cb + tl.arange(0, 1 << HIST_BITS))
-    at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # keys in bins >= d
-    return tl.sum((at_or_above >= TOPK).to(tl.int32)) - 1
+def _prefix16(Counters, b, stride_cb, TOPK: tl.constexpr):
+    """(first digit, 16-bit prefix, rank of the k-th key among the keys with that prefix) of sequence b's k-th key,
+    from its two histograms; the first digit is -1 when the row has at most TOPK keys (then every key is a pick)."""
+    counters = Counters + b * stride_cb
+    d1, want = _digit_of_rank(tl.load(counters + tl.arange(0, _BINS)), TOPK)
+    d2, want = _digit_of_rank(tl.load(counters + _BINS + tl.arange(0, _BINS)), want)
+    return d1, (d1 << 8) | d2, want
 
 
 @triton.jit
@@ -51,7 +63,7 @@ def _score_split_kernel(
     T, split_len,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_sb, stride_cb,
     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HIST_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -66,7 +78,7 @@ def _score_split_kernel(
     if UPCAST_DOT:  # the CPU interpreter multiplies bf16 bit patterns as integers
         qt = qt.to(tl.float32)
     w = tl.load(W + b * stride_wb + heads, mask=heads < H, other=0.0)  # fp32, softmax scale folded in
-    hist = tl.zeros([1 << HIST_BITS], dtype=tl.int32)
+    hist = tl.zeros([_BINS], dtype=tl.int32)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, T)
     for j in range(lo, hi, BLOCK_N):
@@ -79,9 +91,29 @@ def _score_split_kernel(
         s = tl.dot(k, qt, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
         score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
         tl.store(Scores + b * stride_sb + keys, score, mask=ok)
-        bins = (_order_keys(score) >> (32 - HIST_BITS)).to(tl.int32)
-        hist += tl.histogram(bins, 1 << HIST_BITS, mask=ok)
-    tl.atomic_add(Counters + b * stride_cb + tl.arange(0, 1 << HIST_BITS), hist, mask=hist > 0, sem="relaxed")
+        hist += tl.histogram((_order_keys(score) >> 24).to(tl.int32), _BINS, mask=ok)
+    tl.atomic_add(Counters + b * stride_cb + tl.arange(0, _BINS), hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _refine_split_kernel(
+    Scores, Counters,
+    T, split_len,
+    stride_sb, stride_cb,
+    TOPK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d1, _ = _digit_of_rank(tl.load(Counters + b * stride_cb + tl.arange(0, _BINS)), TOPK)
+    hist = tl.zeros([_BINS], dtype=tl.int32)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, T)
+    for j in range(lo, hi, BLOCK):
+        keys = j + tl.arange(0, BLOCK)
+        order = _order_keys(tl.load(Scores + b * stride_sb + keys, mask=keys < hi, other=0.0))
+        match = (keys < hi) & ((order >> 24).to(tl.int32) == d1)
+        hist += tl.histogram(((order >> 16) & 255).to(tl.int32), _BINS, mask=match)
+    tl.atomic_add(Counters + b * stride_cb + _BINS + tl.arange(0, _BINS), hist, mask=hist > 0, sem="relaxed")
 
 
 @triton.jit
@@ -89,21 +121,22 @@ def _collect_split_kernel(
     Scores, Counters, Out, ScratchKey, ScratchIdx,
     T, split_len,
     stride_sb, stride_cb, stride_ob,
-    TOPK: tl.constexpr, CAP: tl.constexpr, HIST_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    TOPK: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, MERGE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    digit = _threshold_bin(Counters, b, stride_cb, TOPK, HIST_BITS)
-    counts = Counters + b * stride_cb + (1 << HIST_BITS)  # [picks, candidates] so far
+    d1, prefix, _ = _prefix16(Counters, b, stride_cb, TOPK)
+    prefix = tl.where(d1 < 0, -1, prefix)  # a row of at most TOPK keys: every key is above
+    counts = Counters + b * stride_cb + _HIST  # [picks, candidates, programs done] so far
     lo = split * split_len
     hi = tl.minimum(lo + split_len, T)
     for j in range(lo, hi, BLOCK):
         keys = j + tl.arange(0, BLOCK)
         ok = keys < hi
         order = _order_keys(tl.load(Scores + b * stride_sb + keys, mask=ok, other=0.0))
-        bins = (order >> (32 - HIST_BITS)).to(tl.int32)
-        above = ok & (bins > digit)
-        inside = ok & (bins == digit)
+        high = (order >> 16).to(tl.int32)
+        above = ok & (high > prefix)
+        inside = ok & (high == prefix)
         ranks = tl.cumsum(above.to(tl.int32) * 65536 + inside.to(tl.int32), 0)  # both counts in one scan
         n_above = tl.sum(above.to(tl.int32))
         n_inside = tl.sum(inside.to(tl.int32))
@@ -114,33 +147,28 @@ def _collect_split_kernel(
             at = tl.atomic_add(counts + 1, n_inside, sem="relaxed") + (ranks & 65535) - 1
             tl.store(ScratchKey + b * CAP + at, order.to(tl.int32, bitcast=True), mask=inside & (at < CAP))
             tl.store(ScratchIdx + b * CAP + at, keys, mask=inside & (at < CAP))
+    tl.debug_barrier()  # every thread's stores are issued before the ticket releases them
+    if tl.atomic_add(counts + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        _merge(Scores, Counters, Out, ScratchKey, ScratchIdx, b, T, stride_sb, stride_cb, stride_ob, TOPK, CAP,
+               MERGE_BLOCK)  # fmt: skip
 
 
 @triton.jit
-def _merge_kernel(
-    Scores, Counters, Out, ScratchKey, ScratchIdx,
-    T,
-    stride_sb, stride_cb, stride_ob,
-    TOPK: tl.constexpr, CAP: tl.constexpr, HIST_BITS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    digit = _threshold_bin(Counters, b, stride_cb, TOPK, HIST_BITS)
-    n_above = tl.load(Counters + b * stride_cb + (1 << HIST_BITS))
-    n_inside = tl.load(Counters + b * stride_cb + (1 << HIST_BITS) + 1)
+def _merge(Scores, Counters, Out, ScratchKey, ScratchIdx, b, T, stride_sb, stride_cb, stride_ob,
+           TOPK: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Sequence b's missing picks, once all its collect programs are done (see the module docstring)."""
+    d1, prefix16, _ = _prefix16(Counters, b, stride_cb, TOPK)  # int32; the passes below carry uint32 prefixes
+    n_above = tl.load(Counters + b * stride_cb + _HIST)
+    n_inside = tl.load(Counters + b * stride_cb + _HIST + 1)
     out = Out + b * stride_ob
-    if digit >= 0:
+    if d1 >= 0:
         if n_inside <= CAP:
             scratch_key = ScratchKey + b * CAP
             scratch_idx = ScratchIdx + b * CAP
-            prefix = digit.to(tl.uint32) << (32 - HIST_BITS)
-            bucket_mask = tl.cast(((1 << HIST_BITS) - 1) << (32 - HIST_BITS), tl.uint32)
-            # 8-bit passes from bit 24 - HIST_BITS down; a last pass at bit 0 resolves what they leave below bit 8.
+            bucket_mask = tl.cast(0xFFFF0000, tl.uint32)
             prefix, bucket_mask, want, shift, _, _ = _radix_passes(
-                scratch_key, scratch_idx, n_inside, prefix, bucket_mask, TOPK - n_above,
-                tl.cast(24 - HIST_BITS, tl.int32), 0, _SCRATCH, BLOCK)  # fmt: skip
-            prefix, bucket_mask, want, shift, _, _ = _radix_passes(
-                scratch_key, scratch_idx, n_inside, prefix, bucket_mask, want, tl.where(shift > -8, 0, shift), 0,
-                _SCRATCH, BLOCK)  # fmt: skip
+                scratch_key, scratch_idx, n_inside, prefix16.to(tl.uint32) << 16, bucket_mask, TOPK - n_above,
+                tl.cast(8, tl.int32), 0, _SCRATCH, BLOCK)  # fmt: skip
             _collect(scratch_key, scratch_idx, n_inside, prefix, bucket_mask, want, out, n_above, TOPK - want,
                      _SCRATCH, BLOCK)  # fmt: skip
         else:  # the bin did not fit the scratch row: select from the whole row (its writes cover every slot)
@@ -163,16 +191,14 @@ def decode_indexer_topk_triton(
     block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 3,
-    hist_bits: int = 12,
     collect_block: int = 1024,
     merge_block: int = 512,
-    merge_warps: int = 4,
     bucket_cap: int = 8192,
     n_split: int | None = None,
 ) -> torch.Tensor:
     """int32 [B, topk]; the contract of `decode_indexer_topk_reference` (q: [B, H, D], k: [B, T, D], weights: fp32
-    [B, H]). Each row's keys are split over `n_split` programs (default: enough for two waves of the GPU, at least
-    one key block each); `hist_bits` bits of each score key place it in the global histogram."""
+    [B, H]). Each row's keys are split over `n_split` programs (default: enough to fill the GPU once, and at most
+    `_KEYS_PER_PROGRAM` keys each, at least one key block each)."""
     batch, n_heads, head_dim = q.shape
     num_keys = k.shape[1]
     if topk & (topk - 1):
@@ -180,12 +206,12 @@ def decode_indexer_topk_triton(
     q, k = q.contiguous(), k.contiguous()
     w = (weights.float() * softmax_scale).contiguous()  # ReLU(s · x) · w = ReLU(x) · (s · w) for s > 0
     if n_split is None:
-        n_split = min(triton.cdiv(num_keys, block_n), max(1, triton.cdiv(_TARGET_PROGRAMS, batch)))
+        n_split = triton.cdiv(num_keys, _KEYS_PER_PROGRAM)
+        n_split = min(triton.cdiv(num_keys, block_n), max(n_split, triton.cdiv(_WAVE, batch)))
     split_len = triton.cdiv(triton.cdiv(num_keys, n_split), block_n) * block_n
     n_split = triton.cdiv(num_keys, split_len)
-    bins = 1 << hist_bits
-    # One zeroed buffer per sequence: the histogram, then the pick and candidate counters (a single memset).
-    counters = torch.zeros((batch, bins + 2), dtype=torch.int32, device=q.device)
+    # One zeroed buffer per sequence: both histograms, then the three counters (a single memset).
+    counters = torch.zeros((batch, _HIST.value + 3), dtype=torch.int32, device=q.device)
     scores = torch.empty((batch, num_keys), dtype=torch.float32, device=q.device)
     out = torch.empty((batch, topk), dtype=torch.int32, device=q.device)
     scratch_key = torch.empty((batch, bucket_cap), dtype=torch.int32, device=q.device)
@@ -195,21 +221,18 @@ def decode_indexer_topk_triton(
         num_keys, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), scores.stride(0), counters.stride(0),
         H=n_heads, D=head_dim, BLOCK_H=max(16, triton.next_power_of_2(n_heads)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, HIST_BITS=hist_bits,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    common = dict(TOPK=topk, CAP=bucket_cap, HIST_BITS=hist_bits)
+    _refine_split_kernel[(n_split, batch)](
+        scores, counters, num_keys, split_len, scores.stride(0), counters.stride(0),
+        TOPK=topk, BLOCK=collect_block, num_warps=num_warps,
+    )  # fmt: skip
     _collect_split_kernel[(n_split, batch)](
         scores, counters, out, scratch_key, scratch_idx,
         num_keys, split_len,
         scores.stride(0), counters.stride(0), out.stride(0),
-        BLOCK=collect_block, num_warps=num_warps, **common,
-    )  # fmt: skip
-    _merge_kernel[(batch,)](
-        scores, counters, out, scratch_key, scratch_idx,
-        num_keys,
-        scores.stride(0), counters.stride(0), out.stride(0),
-        BLOCK=merge_block, num_warps=merge_warps, **common,
+        TOPK=topk, CAP=bucket_cap, BLOCK=collect_block, MERGE_BLOCK=merge_block, num_warps=num_warps,
     )  # fmt: skip
     return out

@@ -13,6 +13,7 @@ from .. import defaults
 from ..errors import IndexCacheError
 from ..models import DsaArchitecture
 from .absorbed import absorbed_attention
+from .chunked import mlp_in_chunks
 from .patch import IndexerFn, SharingState, index_sharing, reference_indexer, reference_selection
 from .pooled import kpool_kernel, kpool_projections, qsa_kernel, qsa_projections
 
@@ -117,7 +118,9 @@ def kernels_installed(
     wrap_indexer: Callable[[IndexerFn], IndexerFn] | None = None,
 ) -> Iterator[tuple[SharingState, str]]:
     """The F/S patch with the chosen kernels on `model`; on "triton" every attention layer of a family that
-    `absorbed` knows runs the absorbed latent kernel. Yields (sharing state, backend name); restores all on exit.
+    `absorbed` knows runs the absorbed latent kernel, and every layer's MLP takes a long window in token chunks
+    (`chunked.py`: what lets a 200K-token MoE prefill fit). Yields (sharing state, backend name); restores all on
+    exit.
 
     `wrap_indexer` (e.g. `analyze`'s recorder) receives the chosen indexer function and returns the one F layers call.
     """
@@ -128,5 +131,6 @@ def kernels_installed(
     with (
         index_sharing(model, arch, pattern, indexer_fn, attn) as state,
         absorbed_attention(model, arch, enabled=name == "triton"),
+        mlp_in_chunks(arch.layers(model)),
     ):
         yield state, name
