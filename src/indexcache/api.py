@@ -13,9 +13,10 @@ from . import defaults
 from .atomic import write_json
 from .calib import DataSpec, Windows
 from .distributed import PeerLost, World, current
-from .distributed.pipeline import StageLink, balanced_bounds, layer_work
+from .distributed.pipeline import StageLink, balanced_bounds, layer_work, max_layers_per_stage
 from .errors import IndexCacheError
 from .models import Checkpoint, LoadedModel, load_weights, open_checkpoint
+from .models.loading import resolve_device, weight_bytes_by_layer
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
 from .search.greedy import Observer, SearchState, block_starts, greedy_search, initial_state
@@ -87,9 +88,12 @@ def make_scorer(
     return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, **where)
 
 
-def pipeline_stage(world: World, checkpoint: Checkpoint, device_map, work: list[float]) -> StageLink | None:
+def pipeline_stage(
+    world: World, checkpoint: Checkpoint, device: str, device_map, work: list[float]
+) -> StageLink | None:
     """This rank's stage when `world` is cut into pipelines (None otherwise): contiguous layers, the boundaries
-    balanced by `work`, each layer's expected forwards in the command (`pipeline.layer_work` for a search)."""
+    balanced by `work`, each layer's expected forwards in the command (`pipeline.layer_work` for a search), with
+    no more layers per stage than the GPU `device` holds (from the safetensors headers' sizes)."""
     if world.stages == 1:
         return None
     if device_map is not None:
@@ -103,7 +107,18 @@ def pipeline_stage(world: World, checkpoint: Checkpoint, device_map, work: list[
         raise IndexCacheError(
             f"--pipeline-stages {world.stages} exceeds the model's {checkpoint.num_layers} decoder layers"
         )
-    return StageLink(world, balanced_bounds(work, world.stages))
+    max_layers = None
+    sizes = weight_bytes_by_layer(checkpoint) if device.startswith("cuda") else None
+    if sizes is not None:
+        capacity = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        max_layers = max_layers_per_stage(*sizes, capacity, defaults.STAGE_MEMORY_RESERVE)
+        if max_layers * world.stages < checkpoint.num_layers:
+            raise IndexCacheError(
+                f"{world.stages} stages of at most {max_layers} layers (what a {capacity / 2**30:.0f} GiB GPU holds "
+                f"of these weights) cannot hold the model's {checkpoint.num_layers} layers; use more GPUs per "
+                "pipeline (--pipeline-stages)"
+            )
+    return StageLink(world, balanced_bounds(work, world.stages, max_layers))
 
 
 def _held(link: StageLink | None) -> range | None:
@@ -195,7 +210,7 @@ def search(
     flippable = [i for i in checkpoint.indexer_layers[1:] if i not in forced]
     steps = max(0, len(checkpoint.indexer_layers) - target)
     work = [1.0] * n if strategy == "naive" else layer_work(n, flippable, steps)
-    link = pipeline_stage(world, checkpoint, device_map, work)
+    link = pipeline_stage(world, checkpoint, resolve_device(world.device(device)), device_map, work)
     loaded = load_weights(checkpoint, dtype, world.device(device), device_map, max_memory, held=_held(link))
     missing = sorted(set(dsa_layers) - set(loaded.indexer_layers))
     if missing:
@@ -458,7 +473,8 @@ def evaluate(
     if data_file["model"].get("config_sha256") != checkpoint.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
     windows = calibration_windows(checkpoint, data, tokenizer, offset=offset)
-    link = pipeline_stage(world, checkpoint, device_map, [1.0] * checkpoint.num_layers)  # every layer runs alike
+    every_layer_alike = [1.0] * checkpoint.num_layers
+    link = pipeline_stage(world, checkpoint, resolve_device(world.device(device)), device_map, every_layer_alike)
     run = (batch_size, kernels, dtype, world.device(device), device_map, max_memory, world, link)
     pattern = data_file["index_topk_pattern"]
     if "distilled_from" in data_file:

@@ -3,9 +3,10 @@
 A run (one batch of windows under one pattern, from some layer on) starts on the stage that holds its first
 layer, which sends the hidden states and the index buffer (the top-k of the nearest preceding F layer, which an
 S layer in the next stage reuses) to the next stage when its layers are done; the last stage computes the loss.
-Sends do not wait for the receiver (`isend`, at most `IN_FLIGHT` runs outstanding), so while stage s works on
-one run, stage s + 1 works on the one before: all stages compute at once. The boundaries are balanced by the
-work each layer receives in the search (`layer_work`), within what one device can hold (`balanced_bounds`).
+Sends do not wait for the receiver (`isend`, at most `IN_FLIGHT` runs outstanding), and a stage takes a run the
+previous stage has sent when one has arrived, else starts the next run that begins in its own layers, so all
+stages compute at once. The boundaries are balanced by the work each layer receives in the search
+(`layer_work`), within what one device can hold (`balanced_bounds`, `max_layers_per_stage`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .world import World, _collective
 IN_FLIGHT = 2
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.bool, torch.float64)
 _MAX_DIMS = 6
-_FIELDS = 3 + _MAX_DIMS  # present, dtype code, number of dims, the dims
+_FIELDS = 3 + _MAX_DIMS  # per tensor: present, dtype code, number of dims, the dims; after the run's index
 
 
 def layer_work(num_layers: int, candidates: list[int], steps: int) -> list[float]:
@@ -70,6 +71,14 @@ def balanced_bounds(work: list[float], stages: int, max_layers: int | None = Non
     return bounds[::-1]
 
 
+def max_layers_per_stage(layer_bytes: list[int], other_bytes: int, device_bytes: int, reserve: float) -> int:
+    """The most decoder layers one stage may hold so that its weights fit a device of `device_bytes`, keeping
+    the `reserve` fraction free for activations: every layer counted at the largest layer's bytes, and the
+    embeddings and head (`other_bytes`) on every stage, so the bound holds wherever the boundaries fall. The
+    prefix cache goes where it fits (`--cache auto`: host memory when the device has no room)."""
+    return max(0, int((device_bytes * (1 - reserve) - other_bytes) // max(layer_bytes)))
+
+
 class StageLink:
     """This rank's stage: the layers it holds and the sends and receives to the stages either side.
 
@@ -89,6 +98,8 @@ class StageLink:
         self._next = first_rank + self.stage + 1
         self._last_rank = first_rank + world.stages - 1
         self._sending: deque[list] = deque()
+        self._expected, self._count, self._device = 0, 0, torch.device("cpu")
+        self._header = self._header_work = None
 
     @classmethod
     def alone(cls, num_layers: int) -> StageLink:
@@ -106,13 +117,15 @@ class StageLink:
         """The stage holding decoder layer `layer`."""
         return bisect.bisect_right(self.bounds, layer) - 1
 
-    def send(self, tensors: list[torch.Tensor | None]) -> None:
-        """Send `tensors` (None: absent, e.g. no index buffer yet) to the next stage without waiting for it."""
-        header = torch.zeros(len(tensors) * _FIELDS, dtype=torch.int64)
+    def send(self, run: int, tensors: list[torch.Tensor | None]) -> None:
+        """Send run `run`'s `tensors` (None: absent, e.g. no index buffer yet) to the next stage without waiting
+        for it to take them."""
+        header = torch.zeros(1 + len(tensors) * _FIELDS, dtype=torch.int64)
+        header[0] = run
         for i, t in enumerate(tensors):
             if t is not None:
                 row = [1, _DTYPES.index(t.dtype), t.dim(), *t.shape]
-                header[i * _FIELDS : i * _FIELDS + len(row)] = torch.tensor(row)
+                header[1 + i * _FIELDS : 1 + i * _FIELDS + len(row)] = torch.tensor(row)
         device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
         outgoing = [header.to(device), *(t.contiguous() for t in tensors if t is not None)]
         with _collective("sending to the next stage"):
@@ -121,21 +134,43 @@ class StageLink:
         while len(self._sending) > IN_FLIGHT:
             self._wait_oldest()
 
-    def receive(self, count: int, device: torch.device) -> list[torch.Tensor | None]:
-        """The `count` tensors the previous stage sent for its next run, on `device`."""
-        header = torch.empty(count * _FIELDS, dtype=torch.int64, device=device)
+    def expect(self, runs: int, tensors: int, device: torch.device) -> None:
+        """Start a stream in which the previous stage sends `runs` runs of `tensors` tensors each."""
+        self._expected, self._count, self._device = runs, tensors, device
+        self._listen()
+
+    def _listen(self) -> None:
+        self._header = self._header_work = None
+        if self._expected:
+            self._header = torch.empty(1 + self._count * _FIELDS, dtype=torch.int64, device=self._device)
+            with _collective("receiving from the previous stage"):
+                self._header_work = torch.distributed.irecv(self._header, self._prev, group=self.world.group)
+
+    @property
+    def expecting(self) -> bool:
+        """Whether the previous stage still has runs to send in this stream."""
+        return self._expected > 0
+
+    def arrived(self) -> bool:
+        """Whether the next run from the previous stage is here (taking it will not wait)."""
+        return self._header_work is not None and self._header_work.is_completed()
+
+    def receive(self) -> tuple[int, list[torch.Tensor | None]]:
+        """The next run the previous stage sent: its index and its tensors, on the stream's device."""
         with _collective("receiving from the previous stage"):
-            torch.distributed.recv(header, self._prev, group=self.world.group)
-            rows = header.view(count, _FIELDS).tolist()
+            self._header_work.wait()
+            run, *fields = self._header.tolist()
             out: list[torch.Tensor | None] = []
-            for present, dtype, dims, *shape in rows:
+            for present, dtype, dims, *shape in (fields[i : i + _FIELDS] for i in range(0, len(fields), _FIELDS)):
                 if not present:
                     out.append(None)
                     continue
-                t = torch.empty(shape[:dims], dtype=_DTYPES[dtype], device=device)
+                t = torch.empty(shape[:dims], dtype=_DTYPES[dtype], device=self._device)
                 torch.distributed.recv(t, self._prev, group=self.world.group)
                 out.append(t)
-        return out
+        self._expected -= 1
+        self._listen()  # only now: the tensors above came on the same channel, after this run's header
+        return run, out
 
     def flush(self) -> None:
         """Wait until every send has been received."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -151,6 +152,29 @@ def _hub_weight_names(repo_id: str) -> set[str] | None:
         return set(get_safetensors_metadata(repo_id).weight_map)
     except Exception:  # offline, gated, or not safetensors: the loading report decides after the load
         return None
+
+
+def weight_bytes_by_layer(checkpoint: Checkpoint) -> tuple[list[int], int] | None:
+    """(bytes of each decoder layer's tensors, bytes of the rest: embeddings, head, norms) as stored in a local
+    safetensors checkpoint, read from the shards' headers (the 8-byte header length, then its JSON: every
+    tensor's byte range); None for other formats. Tensors of layers past the decoder stack (GLM-5's MTP layer)
+    are not loaded, so not counted."""
+    if checkpoint.path is None or not (files := sorted(checkpoint.path.glob("*.safetensors"))):
+        return None
+    layers, rest = [0] * checkpoint.num_layers, 0
+    for f in files:
+        with open(f, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            size = entry["data_offsets"][1] - entry["data_offsets"][0]
+            match = re.search(r"\blayers\.(\d+)\.", name)
+            if match is None:
+                rest += size
+            elif int(match[1]) < checkpoint.num_layers:
+                layers[int(match[1])] += size
+    return layers, rest
 
 
 def weight_names(checkpoint: str, path: Path | None) -> set[str] | None:

@@ -81,31 +81,37 @@ class PatternScorer:
     @torch.no_grad()
     def _stream(self, runs: list[tuple[str, int, int, _Activations | None]]) -> list[torch.Tensor]:
         """The summed NLL per window, fp64 [B], of each run (pattern, batch, first layer, activations to record
-        into or None), in order, on every stage.
+        into or None), on every stage.
 
-        This stage runs its layers of every run that reaches them: a run starts on the stage holding its first
-        layer and takes over what the previous stage sent on the others; the hidden states and the index buffer
-        go on to the next stage without waiting for it, so stages work on successive runs at once. The last stage
-        computes the losses and shares them with the others once every run is done."""
+        This stage runs its layers of every run that reaches them. When the previous stage has sent a run, it takes
+        that one (so the stages after it are fed); otherwise it starts the next run that begins in its own layers
+        from its cache, or waits for one to arrive. It sends the hidden states and the index buffer on without
+        waiting, so all stages work at once. The last stage computes the losses and shares them once every run is
+        done. With one stage this is each run in order."""
         link = self.link
-        sums = []
-        for pattern, b, start, into in runs:
-            if start >= link.stop:
-                continue
-            self.state.pattern = pattern
-            if start >= link.start:
-                hidden, layer_state = self._enter(b, start)
-            else:
-                hidden, self.state.buffer = link.receive(2, self.lw.input_device)
+        own = [i for i, (_, _, start, _) in enumerate(runs) if link.start <= start < link.stop]
+        link.expect(sum(start < link.start for _, _, start, _ in runs), 2, self.lw.input_device)
+        sums: dict[int, torch.Tensor] = {}
+        while own or link.expecting:
+            if link.expecting and (not own or link.arrived()):
+                i, (hidden, buffer) = link.receive()
+                pattern, b, _, into = runs[i]
                 start, layer_state = link.start, None
+                self.state.pattern, self.state.buffer = pattern, buffer
+            else:
+                i = own.pop(0)
+                pattern, b, start, into = runs[i]
+                self.state.pattern = pattern
+                hidden, layer_state = self._enter(b, start)
             hidden = self._run(b, start, link.stop, hidden, layer_state, into)
             if link.last:
-                sums.append(self.lw.nll_sum(hidden, self.batches[b], self.first_label))
+                sums[i] = self.lw.nll_sum(hidden, self.batches[b], self.first_label)
             else:
-                link.send([hidden, self.state.buffer])
+                link.send(i, [hidden, self.state.buffer])
         link.flush()
         sums = link.from_last(sums)
-        for (pattern, b, _, into), nll in zip(runs, sums, strict=True):
+        ordered = [sums[i] for i in range(len(runs))]
+        for (pattern, b, _, into), nll in zip(runs, ordered, strict=True):
             try:
                 self._finite(nll, pattern, b)
             except IndexCacheError as exc:
@@ -113,7 +119,7 @@ class PatternScorer:
                 raise
             if into is not None:
                 into.nll = nll
-        return sums
+        return ordered
 
     def _enter(self, b: int, start: int) -> tuple[torch.Tensor, LayerState]:
         """Hidden states entering layer `start` (0: full forwards) of batch `b`, and the cross-layer state."""
