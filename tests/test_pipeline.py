@@ -8,8 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from indexcache.cli import app
-from indexcache.distributed.pipeline import balanced_bounds, layer_work
+from indexcache.distributed.pipeline import balanced_bounds, layer_work, max_layers_per_stage
 from indexcache.models import load_weights, open_checkpoint
+from indexcache.models.loading import weight_bytes_by_layer
 
 from tiny_models import glm_model
 
@@ -58,6 +59,19 @@ def test_boundaries_follow_the_work_a_cached_search_gives_each_layer():
     assert balanced_bounds(work, 6) == list(range(7))
     with pytest.raises(ValueError):
         balanced_bounds(work, 2, max_layers=2)
+
+
+def test_a_stage_holds_no_more_layers_than_its_gpu_from_the_shards_headers(sharded):
+    checkpoint, full = sharded
+    layers, rest = weight_bytes_by_layer(checkpoint)
+    stored = [sum(t.numel() * t.element_size() for t in layer.state_dict().values()) for layer in full.model.layers]
+    assert layers == stored  # weights and stored buffers, layer by layer
+    whole = sum(t.numel() * t.element_size() for t in full.state_dict().values())
+    assert sum(layers) + rest == whole
+    # a device of 10 MoE layers' bytes, 10% kept free, the embeddings and head on every stage
+    device = 10 * max(layers)
+    assert max_layers_per_stage(layers, rest, device, 0.1) == int((0.9 * device - rest) // max(layers))
+    assert max_layers_per_stage(layers, rest, rest, 0.1) == 0
 
 
 @pytest.mark.parametrize(

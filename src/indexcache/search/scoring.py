@@ -287,7 +287,7 @@ class CachePlan:
         if self.spare:
             reuse = f"winner's activations reused at commit (room {self.spare:.2g}× the cache)"
         else:
-            reuse = "commits rerun the winner's layers"
+            reuse = "commits recompute the winner's layers"
         return f"prefix cache in {self.location} memory, {kept}; {reuse}"
 
 
