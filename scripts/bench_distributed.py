@@ -3,13 +3,16 @@
     python3 scripts/bench_distributed.py --out $OUT/bench_distributed.json                 # every visible GPU
     python3 scripts/bench_distributed.py --routed-experts 256 --layers 5 --out …           # GLM-5's full MoE
     python3 scripts/bench_distributed.py --device cpu --processes 2 --out /tmp/bench.json  # plumbing, CPU
+    python3 scripts/bench_distributed.py --pipeline-stages 8 --layers 16 --out …           # one 8-stage pipeline
 
 Builds a random-weight glm_moe_dsa checkpoint with GLM-5's layer shapes (`GlmMoeDsaConfig()`: hidden 6144, 64 heads,
 q_lora 2048, kv_lora 512, indexer 32 × 128, top-2048, vocab 154,880; layer 0 dense, every other layer MoE with
 8 active + 1 shared experts of width 2048 and transformers' default `grouped_mm` experts) with `--routed-experts`
 routed experts: GLM-5 has 256 (19 GB a layer in bf16); the default 32 does the same per-token work (8 + 1 experts)
 in 2.8 GB a layer, so the build, three loads and the searches fit one device call. Every rank holds the whole
-model (the replicas decomposition), so `--layers` is bounded by one GPU's memory. The windows are random 8K-token
+model (the replicas decomposition), or with `--pipeline-stages P` every group of P ranks is one pipeline whose
+ranks hold a stage of the layers each; the plain run is the baseline either way, so `--layers` is bounded by one
+GPU's memory. The windows are random 8K-token
 input_ids rows (`--seq-len`), read as a dataset file.
 
 Then runs, with the same options, `python3 -m indexcache search` (today's plain single process, one GPU) and
@@ -107,13 +110,17 @@ class GpuMemory:
         return [round((p - b) / 1024, 2) for p, b in zip(self.peak, self.before, strict=True)] if self.enabled else None
 
 
-def search(name: str, launcher: list[str], folder: Path, args: argparse.Namespace, timed: bool = True) -> dict:
-    """One `indexcache search` through `launcher`; the pattern file's numbers and the command's wall time."""
+def search(
+    name: str, launcher: list[str], folder: Path, args: argparse.Namespace, timed: bool = True, extra: tuple = ()
+) -> dict:
+    """One `indexcache search` through `launcher` (with `extra` options); the pattern file's numbers and the
+    command's wall time."""
     output = folder / f"{name}.json"
     options = [
         "search",
         *("--model", str(folder), "--dataset", str(folder / "rows.jsonl"), "--num-samples", str(args.windows)),
         *("--num-full", str(args.num_full), "--strategy", "cached", "--device", args.device, "-o", str(output)),
+        *extra,
     ]
     if not timed:  # the warm-up: one window, one step, only to fill the kernels' compile cache
         options[options.index("--num-samples") + 1] = "1"
@@ -139,6 +146,8 @@ def search(name: str, launcher: list[str], folder: Path, args: argparse.Namespac
         "kernels": result["search"]["kernels"],
         "pattern": result["index_topk_pattern"],
         "loss_final": result["loss_final"],
+        "decomposition": result["search"]["decomposition"],
+        "stage_bounds": result["search"].get("stage_bounds"),
         "ranks": result["search"]["ranks"],
     }
     print(f"{name:>9}: {wall:7.1f} s wall, {row['search_s']:7.1f} s search, {row['pattern']}", flush=True)
@@ -168,6 +177,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--num-full", type=int, default=2)
+    parser.add_argument("--pipeline-stages", type=int, default=1, help="P: ranks per pipeline (1: replicas)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoint goes (default: a temp dir)")
     args = parser.parse_args()
     if args.device == "cpu" and args.seq_len == parser.get_default("seq_len"):
@@ -187,7 +197,8 @@ def main() -> None:
         if args.device != "cpu":
             search("warm-up", plain, folder, args, timed=False)
         one = search("one", plain, folder, args)
-        several = search(f"torchrun{args.processes}", torchrun, folder, args)
+        stages = ("--pipeline-stages", str(args.pipeline_stages))
+        several = search(f"torchrun{args.processes}", torchrun, folder, args, extra=stages)
     a, b = one.pop("_result"), several.pop("_result")
     useful = one["layer_forwards"]  # what one process computes; extra ranks rerun commits they did not score
     for row in (one, several):
@@ -195,10 +206,17 @@ def main() -> None:
     report = {
         "description": (
             "the same cached search (random-weight GLM-5-shaped model with MoE layers) as one plain process on one "
-            f"device and as {args.processes} torchrun processes (replicas sharing each step's candidates)"
+            f"device and as {args.processes} torchrun processes ("
+            + (
+                "replicas sharing each step's candidates"
+                if args.pipeline_stages == 1
+                else f"{args.processes // args.pipeline_stages} × a {args.pipeline_stages}-stage pipeline"
+            )
+            + ")"
         ),
         "card": card(args.device),
         "processes": args.processes,
+        "pipeline_stages": args.pipeline_stages,
         "date": today,
         "model": {
             "config": "GlmMoeDsaConfig() dims" if args.device != "cpu" else "the shipped tiny model's dims",

@@ -47,21 +47,22 @@ def _free_port() -> int:
 
 
 def _die_in_step(step: int, fault: int | str) -> None:
-    """When this process starts scoring a candidate of greedy step `step`: send it signal `fault` (SIGKILL: a rank
-    lost mid-step; SIGTERM: torchrun stopping it), or raise a user error with the text `fault`."""
+    """When this process starts running layers for a candidate of greedy step `step` (as a replica or as one
+    pipeline stage): send it signal `fault` (SIGKILL: a rank lost mid-step; SIGTERM: torchrun stopping it), or
+    raise a user error with the text `fault`."""
     from indexcache.errors import IndexCacheError
     from indexcache.search import scoring
 
-    original = scoring.CachedScorer._flip_nll
+    original = scoring.CachedScorer._run
 
-    def flip_nll(self, layer, b):
-        if self.committed.count("S") == step - 1:
+    def run(self, *args):
+        if self.committed is not None and self.committed.count("S") == step - 1:
             if isinstance(fault, str):
                 raise IndexCacheError(fault)
             os.kill(os.getpid(), fault)
-        return original(self, layer, b)
+        return original(self, *args)
 
-    scoring.CachedScorer._flip_nll = flip_nll
+    scoring.CachedScorer._run = run
 
 
 def _rank_main(rank: int, size: int, port: int, argv: list[str], logs: Path, die: tuple[int, int] | None) -> None:

@@ -153,3 +153,48 @@ def test_distill_refuses_several_processes_in_one_line_from_rank_0(reference, tm
     expected = "error: distill trains in one process (one GPU, or several with --device-map auto); run it without "
     expected += "torchrun"
     assert [line for line in result.stderr.splitlines() if line.strip()] == ([expected] if rank == 0 else [])
+
+
+PIPELINE = ("--pipeline-stages", "2")
+
+
+@pytest.mark.parametrize("strategy,size", [("cached", 4), ("pruned", 2)], ids=["2x2-cached", "1x2-pruned"])
+def test_pipelines_give_the_one_process_search_each_stage_holding_its_layers(
+    reference, glm_checkpoint, text_file, tmp_path, strategy, size
+):
+    output = tmp_path / "pattern.json"
+    args = search_args(glm_checkpoint, text_file, "--strategy", strategy, *PIPELINE, "-o", output)
+    ends = run_ranks(size, args, tmp_path)
+    assert [e.code for e in ends] == [0] * size, [e.stderr for e in ends]
+    assert [bool(e.stdout) for e in ends] == [True] + [False] * (size - 1)  # only rank 0 speaks
+    found = json.loads(output.read_text())
+    same_search(found, reference[strategy])
+    run = found["search"]
+    assert (run["world_size"], run["decomposition"], run["stages"]) == (size, "pipeline", 2)
+    # balanced by the search's work: later layers are rerun by more candidates, so the last stage gets fewer
+    assert run["stage_bounds"] == [0, 4, 6]
+    stages = [{"cpu": [0, 1, 2, 3]}, {"cpu": [4, 5]}]
+    assert [(r["replica"], r["stage"], r["layers_on"]) for r in run["ranks"]] == [
+        (rank // 2, rank % 2, stages[rank % 2]) for rank in range(size)
+    ]
+
+
+def test_a_two_stage_pipeline_gives_the_one_process_eval(reference, tmp_path):
+    rows = tmp_path / "eval.json"
+    args = ["eval", reference["pattern_file"], "--device", "cpu", *PIPELINE, "--json", rows]
+    ends = run_ranks(2, args, tmp_path / "e")
+    assert [e.code for e in ends] == [0, 0], [e.stderr for e in ends]
+    assert json.loads(rows.read_text())["results"] == reference["eval"]
+
+
+def test_a_killed_stage_ends_the_pipeline_in_one_line_and_it_resumes_in_one_process(
+    reference, glm_checkpoint, text_file, tmp_path
+):
+    output = tmp_path / "out" / "pattern.json"
+    args = search_args(glm_checkpoint, text_file, "-o", output)
+    state = lost_rank_ends_the_run_in_one_line(
+        output, [*args, *PIPELINE], tmp_path / "k", signal.SIGKILL, -signal.SIGKILL
+    )
+    one_process(*args, "--resume")
+    same_search(json.loads(output.read_text()), reference["cached"])
+    assert not state.exists()

@@ -13,8 +13,10 @@ from . import defaults
 from .atomic import write_json
 from .calib import DataSpec, Windows
 from .distributed import PeerLost, World, current
+from .distributed.pipeline import StageLink, balanced_bounds, layer_work, max_layers_per_stage
 from .errors import IndexCacheError
 from .models import Checkpoint, LoadedModel, load_weights, open_checkpoint
+from .models.loading import resolve_device, weight_bytes_by_layer
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
 from .search.greedy import Observer, SearchState, block_starts, greedy_search, initial_state
@@ -61,17 +63,66 @@ def _check_search_options(output: Path, ratio, num_full, strategy, blocks, batch
 
 
 def make_scorer(
-    strategy, lw, state, windows: Windows, batch_size, cache, prune_keep, world: World | None = None
+    strategy,
+    lw,
+    state,
+    windows: Windows,
+    batch_size,
+    cache,
+    prune_keep,
+    world: World | None = None,
+    link: StageLink | None = None,
 ) -> PatternScorer:
     """The scorer of `strategy` (naive, cached, pruned) over `windows`, with its prefix-cache plan; under several
-    processes (`world`) each step's candidates are shared among the ranks."""
+    processes (`world`) each step's candidates are shared among the replicas, and `link` is this rank's
+    pipeline stage (its prefix cache holds the stage's layers only)."""
     ids, first_label = windows.input_ids, windows.first_label
+    where = {"first_label": first_label, "world": world, "link": link}
     if strategy == "naive":
-        return PatternScorer(lw, state, ids, batch_size, first_label=first_label, world=world)
-    plan = plan_cache(lw, ids, cache)
+        return PatternScorer(lw, state, ids, batch_size, **where)
+    plan = plan_cache(lw, ids, cache, None if link is None else link.stop - link.start)
+    if link is not None:  # a pipeline learns a share's losses only at its end: it keeps no candidate's run
+        plan = replace(plan, spare=0.0)
     if strategy == "cached":
-        return CachedScorer(lw, state, ids, batch_size, plan, first_label=first_label, world=world)
-    return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, first_label=first_label, world=world)
+        return CachedScorer(lw, state, ids, batch_size, plan, **where)
+    return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, **where)
+
+
+def pipeline_stage(
+    world: World, checkpoint: Checkpoint, device: str, device_map, work: list[float]
+) -> StageLink | None:
+    """This rank's stage when `world` is cut into pipelines (None otherwise): contiguous layers, the boundaries
+    balanced by `work`, each layer's expected forwards in the command (`pipeline.layer_work` for a search), with
+    no more layers per stage than the GPU `device` holds (from the safetensors headers' sizes)."""
+    if world.stages == 1:
+        return None
+    if device_map is not None:
+        raise IndexCacheError("--pipeline-stages places the layers itself, one stage per GPU; drop --device-map")
+    if checkpoint.arch.shared_state:
+        raise IndexCacheError(
+            f"{checkpoint.arch.model_type} layers share their {checkpoint.arch.shared_state} with later layers, "
+            "which pipeline stages do not carry between GPUs; run without --pipeline-stages"
+        )
+    if world.stages > checkpoint.num_layers:
+        raise IndexCacheError(
+            f"--pipeline-stages {world.stages} exceeds the model's {checkpoint.num_layers} decoder layers"
+        )
+    max_layers = None
+    sizes = weight_bytes_by_layer(checkpoint) if device.startswith("cuda") else None
+    if sizes is not None:
+        capacity = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        max_layers = max_layers_per_stage(*sizes, capacity, defaults.STAGE_MEMORY_RESERVE)
+        if max_layers * world.stages < checkpoint.num_layers:
+            raise IndexCacheError(
+                f"{world.stages} stages of at most {max_layers} layers (what a {capacity / 2**30:.0f} GiB GPU holds "
+                f"of these weights) cannot hold the model's {checkpoint.num_layers} layers; use more GPUs per "
+                "pipeline (--pipeline-stages)"
+            )
+    return StageLink(world, balanced_bounds(work, world.stages, max_layers))
+
+
+def _held(link: StageLink | None) -> range | None:
+    return None if link is None else range(link.start, link.stop)
 
 
 @dataclass
@@ -115,6 +166,7 @@ def search(
     observer: Observer | None = None,
     log=print,
     max_memory: dict | None = None,
+    pipeline_stages: int = 1,
 ) -> dict:
     """Greedy IndexCache search; writes the pattern file atomically to `output` and returns its contents.
 
@@ -123,12 +175,19 @@ def search(
     (`<output>.state.json`) after every step; `resume=True` continues from it and ends with the same pattern as
     an uninterrupted run. `device_map`/`max_memory` go to accelerate (e.g. "auto" and {0: "20GiB", 1: "70GiB"}).
 
-    Under torchrun (`distributed.joined`) every rank holds the model and splits each step's candidates with the
-    others; rank 0 alone reads and writes the files, and the answer is the one-process answer.
+    Under torchrun (`distributed.joined`) the ranks split each step's candidates among replicas: each rank holds
+    the model, or with `pipeline_stages` P each group of P ranks is a pipeline whose stages hold contiguous layers
+    (boundaries balanced by the work the search gives each layer). Rank 0 alone reads and writes the files, and
+    the answer is the one-process answer.
     """
     output = Path(output)
-    world = current()
     _check_search_options(output, ratio, num_full, strategy, blocks, batch_size, cache, prune_keep)
+    if strategy == "overlap" and pipeline_stages > 1:
+        raise IndexCacheError(
+            "--strategy overlap compares every layer's selections with every other's, which pipeline stages would "
+            "have to ship between GPUs; run it without --pipeline-stages"
+        )
+    world = current().pipelined(pipeline_stages)
     world.check_device_map(device_map)
     state_path = search_state_path(output)
     if strategy == "overlap" and resume:
@@ -148,7 +207,11 @@ def search(
         )
     forced = block_starts(n, blocks, dsa_layers) if blocks is not None else []
     windows = calibration_windows(checkpoint, data or DataSpec(), tokenizer)
-    loaded = load_weights(checkpoint, dtype, world.device(device), device_map, max_memory)
+    flippable = [i for i in checkpoint.indexer_layers[1:] if i not in forced]
+    steps = max(0, len(checkpoint.indexer_layers) - target)
+    work = [1.0] * n if strategy == "naive" else layer_work(n, flippable, steps)
+    link = pipeline_stage(world, checkpoint, resolve_device(world.device(device)), device_map, work)
+    loaded = load_weights(checkpoint, dtype, world.device(device), device_map, max_memory, held=_held(link))
     missing = sorted(set(dsa_layers) - set(loaded.indexer_layers))
     if missing:
         log(f"layers {missing} have no indexer weights in this checkpoint: they stay S; searching the rest")
@@ -168,7 +231,7 @@ def search(
         return result
 
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
-        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world)
+        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world, link)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
             "data_fingerprint": windows.fingerprint,
@@ -219,7 +282,7 @@ def search(
             "dtype": str(loaded.model.dtype).replace("torch.", ""),
             "kernels": backend,
             "batch_size": batch_size,
-            **_placement(loaded, world),
+            **_placement(loaded, world, link),
         }
 
     result = pattern_record(loaded, checkpoint, windows, state, ratio if num_full is None else None, run)
@@ -233,18 +296,24 @@ def _layers_on(loaded: LoadedModel) -> dict[str, list[int]]:
     """device → the decoder layers whose weights live there (several devices under a device map)."""
     placed: dict[str, list[int]] = {}
     for i, layer in enumerate(loaded.arch.layers(loaded.model)):
-        placed.setdefault(str(next(layer.parameters()).device), []).append(i)
+        device = next(layer.parameters()).device
+        if device.type != "meta":  # a pipeline stage leaves the other stages' layers on meta
+            placed.setdefault(str(device), []).append(i)
     return placed
 
 
-def _placement(loaded: LoadedModel, world: World) -> dict:
-    """Where the work ran: this process's layers, and under torchrun the decomposition and every rank's layers."""
-    return {
+def _placement(loaded: LoadedModel, world: World, link: StageLink | None = None) -> dict:
+    """Where the work ran: this process's layers, and under torchrun the decomposition and every rank's layers
+    (with pipeline stages, their number and boundaries too)."""
+    placed = {
         "layers_on": _layers_on(loaded),
         "world_size": world.size,
-        "decomposition": "replicas" if world.size > 1 else None,
+        "decomposition": world.decomposition,
         "ranks": world.describe(_layers_on(loaded)) if world.size > 1 else None,
     }
+    if link is not None:
+        placed.update(stages=world.stages, stage_bounds=link.bounds)
+    return placed
 
 
 def pattern_record(
@@ -303,15 +372,20 @@ def _named_patterns(data: dict, indexer_layers: list[int]) -> list[tuple[str, st
     ]
 
 
-def _held_out_losses(checkpoint, windows, named, batch_size, kernels, dtype, device, device_map, max_memory, world):
+def _held_out_losses(
+    checkpoint, windows, named, batch_size, kernels, dtype, device, device_map, max_memory, world, link
+):
     """Loads `checkpoint` and scores `named(indexer layers)` — (row name, pattern) pairs — on `windows`.
 
     Returns (model name, rows); the weights are released on return, so a second model can load after. Under
-    several processes (`world`) each pattern's windows are shared among the ranks."""
-    loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
+    several processes (`world`) each pattern's windows are shared among the replicas (`link`: this rank's
+    pipeline stage)."""
+    loaded = load_weights(checkpoint, dtype, device, device_map, max_memory, held=_held(link))
     rows = []
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
-        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label, world=world)
+        scorer = PatternScorer(
+            lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label, world=world, link=link
+        )
         for name, pattern in named(loaded.indexer_layers):
             rows.append(
                 {"name": name, "pattern": pattern, "num_full": len(full_layers(pattern)), "loss": scorer.loss(pattern)}
@@ -373,6 +447,7 @@ def evaluate(
     seq_len: int | None = None,
     seed: int | None = None,
     max_memory: dict | None = None,
+    pipeline_stages: int = 1,
 ) -> list[dict]:
     """Held-out loss of the pattern, of all-F and of the uniform interleave with the same F count. For the pattern
     file of a distilled folder (`distilled_from`): the distilled pattern, the same pattern `undistilled` on the
@@ -383,7 +458,7 @@ def evaluate(
     `seed` must then match the calibration's). With `data`, those three come from the DataSpec instead.
     """
     _check_batch_size(batch_size)
-    world = current()
+    world = current().pipelined(pipeline_stages)
     world.check_device_map(device_map)
     data_file = pattern_file.read(pattern_path)
     recorded = data_file["model"].get("name")
@@ -398,7 +473,9 @@ def evaluate(
     if data_file["model"].get("config_sha256") != checkpoint.config_sha256:
         log("note: the model's config.json differs from the one the pattern was searched on")
     windows = calibration_windows(checkpoint, data, tokenizer, offset=offset)
-    run = (batch_size, kernels, dtype, world.device(device), device_map, max_memory, world)
+    every_layer_alike = [1.0] * checkpoint.num_layers
+    link = pipeline_stage(world, checkpoint, resolve_device(world.device(device)), device_map, every_layer_alike)
+    run = (batch_size, kernels, dtype, world.device(device), device_map, max_memory, world, link)
     pattern = data_file["index_topk_pattern"]
     if "distilled_from" in data_file:
         # Only the F layers of a distilled folder have indexers: compare with the same pattern undistilled and

@@ -22,6 +22,9 @@ DEVICE = "auto"
 # Under torchrun: a collective that waits longer fails and ends every rank (a hung rank never hangs the run). It
 # must cover the slowest rank's model load before the first exchange and the imbalance of one step's shares.
 COLLECTIVE_TIMEOUT_S = 1800
+# --pipeline-stages: the fraction of each GPU left free of weights for the activations of a run (one window's
+# layer at a time) when deciding how many layers a stage may hold.
+STAGE_MEMORY_RESERVE = 0.1
 OUTPUT = "pattern.json"
 # `--kernels auto` on CUDA: windows shorter than this run stock transformers with sdpa, longer ones the Triton
 # kernels with absorbed MLA attention. Measured crossover (scripts/results/bench_model_H100_2026-11-25.json,

@@ -21,6 +21,7 @@ from .common import (
     Kernels,
     MaxMemory,
     Model,
+    PipelineStages,
     PlotPath,
     Seed,
     SeqLen,
@@ -106,6 +107,7 @@ def search(
     max_memory: str | None = MaxMemory,
     tokenizer: str | None = Tokenizer,
     plot: Path | None = PlotPath,
+    pipeline_stages: int = PipelineStages,
 ):
     """Greedy search for the F/S pattern with the lowest calibration loss; writes a pattern JSON."""
     from .. import api
@@ -142,6 +144,7 @@ def search(
                 observer=_RichObserver(progress),
                 log=lambda m: progress.console.print(m, highlight=False),
                 max_memory=parse_max_memory(max_memory),
+                pipeline_stages=pipeline_stages,
             )
     except KeyboardInterrupt:
         if api.search_state_path(output).exists():
@@ -194,6 +197,7 @@ def eval_(
     tokenizer: str | None = Tokenizer,
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
     plot: Path | None = PlotPath,
+    pipeline_stages: int = PipelineStages,
 ):
     """Held-out loss of the pattern vs all-F and the uniform interleave with the same number of F layers."""
     from .. import api
@@ -227,6 +231,7 @@ def eval_(
         seq_len=seq_len,
         seed=seed,
         max_memory=parse_max_memory(max_memory),
+        pipeline_stages=pipeline_stages,
     )
     table = Table(title=f"held-out loss · {pattern}")
     for col, kw in [

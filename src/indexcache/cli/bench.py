@@ -194,6 +194,10 @@ def bench(
 
     Random weights with the model's MoE (--dense-mlp: dense MLPs) unless --weights; F- and S-layer times measured on
     K layers and combined by each pattern's F count into a projected full-model time."""
+    from ..distributed import launched_processes
+
+    if launched_processes() > 1:  # G copies would time each other's contention, not a layer
+        raise IndexCacheError("bench times layers in one process on one GPU; run it without torchrun")
     rows = run_bench(
         pattern, model, context, layers, ratio, weights, kernels, dtype, device, reps, json_path, decode, batch,
         dense_mlp,

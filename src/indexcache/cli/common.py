@@ -144,4 +144,11 @@ MaxMemory = typer.Option(
     None, "--max-memory", help="Per-device limits for --device-map, e.g. '0=20GiB,1=70GiB,cpu=200GiB'."
 )
 Tokenizer = typer.Option(None, help="Tokenizer folder, when the checkpoint has none.")
+PipelineStages = typer.Option(
+    1,
+    "--pipeline-stages",
+    min=1,
+    help="Under torchrun: each group of this many ranks is one pipeline, each rank holding a contiguous stage of "
+    "the layers (a model larger than one GPU); the groups are replicas. 1: every rank holds the whole model.",
+)
 PlotPath = typer.Option(None, "--plot", help="Also draw the pattern (and its trajectory or losses) to this PNG.")

@@ -17,7 +17,7 @@ import signal
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -49,20 +49,62 @@ def balanced_shares(costs: Sequence[float], size: int) -> list[list[int]]:
 class World:
     """This run's processes. The default is one process doing all the work.
 
+    The ranks form `replicas` groups of `stages` consecutive ranks: a replica is one pipeline (`pipeline.py`)
+    whose stage ranks each hold some of the layers; with one stage (the default) every rank is a replica holding
+    the whole model.
+
     Attributes:
         rank, size: this process's rank and the number of processes (torchrun's RANK, WORLD_SIZE).
         local_rank, local_size: the same on this node (LOCAL_RANK, LOCAL_WORLD_SIZE): which GPU is ours.
+        stages: pipeline stages per replica; group: the process group of this rank's pipeline (None: one stage).
     """
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    stages: int = 1
+    group: Any = None
 
     @property
     def is_main(self) -> bool:
         """Rank 0 draws progress and writes every file."""
         return self.rank == 0
+
+    @property
+    def replicas(self) -> int:
+        return self.size // self.stages
+
+    @property
+    def replica(self) -> int:
+        """Which replica (pipeline) this rank belongs to."""
+        return self.rank // self.stages
+
+    @property
+    def stage(self) -> int:
+        """This rank's stage in its pipeline (0 with one stage)."""
+        return self.rank % self.stages
+
+    @property
+    def decomposition(self) -> str | None:
+        """How the work is split: `pipeline` (stages, maybe replicated), `replicas`, or None for one process."""
+        return "pipeline" if self.stages > 1 else "replicas" if self.size > 1 else None
+
+    def pipelined(self, stages: int) -> World:
+        """This world cut into pipelines of `stages` consecutive ranks (each a replica), with their groups."""
+        if stages == self.stages:
+            return self
+        if stages < 1 or self.size % stages:
+            running = f"the {self.size} processes torchrun started" if self.size > 1 else "one process"
+            raise IndexCacheError(
+                f"--pipeline-stages {stages} needs a multiple of {stages} processes (one per stage of each replica) "
+                f"but runs as {running}; launch torchrun --nproc-per-node {stages} (or a multiple)"
+            )
+        groups = []
+        with _collective("forming the pipelines"):
+            for first in range(0, self.size, stages):
+                groups.append(torch.distributed.new_group(list(range(first, first + stages))))
+        return replace(self, stages=stages, group=groups[self.rank // stages])
 
     def device(self, requested: str) -> str:
         """The device this rank runs on: its own GPU (`cuda:LOCAL_RANK`) for `auto`/`cuda` under several processes."""
@@ -95,21 +137,42 @@ class World:
         cost: Callable[[T], float] | None = None,
         on_result: Callable[[T, R], None] | None = None,
     ) -> dict[T, R]:
-        """{item: fn(item)} in item order, each item computed by one rank (balanced by `cost`, default equal).
+        """{item: fn(item)} in item order, each item computed by one replica (balanced by `cost`, default equal).
 
-        `on_result` sees this rank's results as they come, then the other ranks' once gathered."""
-        items = list(items)
-        costs = [cost(item) if cost else 1.0 for item in items]
-        mine = [items[i] for i in balanced_shares(costs, self.size)[self.rank]]
-        local: dict[T, R] = {}
-        failure = None
-        try:
+        `on_result` sees this replica's results as they come, then the other replicas' once gathered."""
+
+        def one_by_one(mine: list[T]) -> dict[T, R]:
+            local = {}
             for item in mine:
                 local[item] = fn(item)
                 if on_result:
                     on_result(item, local[item])
+            return local
+
+        return self.map_shares(one_by_one, items, cost, on_result, reported=True)
+
+    def map_shares(
+        self,
+        fn: Callable[[list[T]], dict[T, R]],
+        items: Sequence[T],
+        cost: Callable[[T], float] | None = None,
+        on_result: Callable[[T, R], None] | None = None,
+        reported: bool = False,
+    ) -> dict[T, R]:
+        """{item: result} in item order, where `fn(share)` computes one replica's share at once (every stage rank
+        of a pipeline runs it, so the share can be streamed through the stages, and returns the same results).
+
+        `on_result` sees every result once gathered (the other replicas' only, when `fn` `reported` its own)."""
+        items = list(items)
+        costs = [cost(item) if cost else 1.0 for item in items]
+        mine = [items[i] for i in balanced_shares(costs, self.replicas)[self.replica]]
+        local: dict[T, R] = {}
+        failure = None
+        try:
+            local = fn(mine)
         except (IndexCacheError, torch.cuda.OutOfMemoryError) as exc:
-            if self.size == 1:
+            # A stage that fails alone leaves its pipeline waiting on it: it ends, and the others lose their peer.
+            if self.size == 1 or (self.stages > 1 and not getattr(exc, "pipeline_wide", False)):
                 raise
             failure = exc
         results: dict[T, R] = {}
@@ -119,7 +182,7 @@ class World:
             results.update(theirs)
         if on_result:
             for item in items:
-                if item not in local:
+                if not (reported and item in local):
                     on_result(item, results[item])
         return {item: results[item] for item in items}
 
@@ -158,8 +221,12 @@ class World:
         return box[0]
 
     def describe(self, held: dict[str, list[int]]) -> list[dict]:
-        """What every rank held (gathered): its rank, host and the layers on each of its devices."""
-        return self.all_gather({"rank": self.rank, "host": socket.gethostname(), "layers_on": held})
+        """What every rank held (gathered): its rank, host and the layers on each of its devices; under pipeline
+        stages also its replica and stage."""
+        mine = {"rank": self.rank, "host": socket.gethostname(), "layers_on": held}
+        if self.stages > 1:
+            mine.update(replica=self.replica, stage=self.stage)
+        return self.all_gather(mine)
 
 
 def _on_every_rank(error: Exception, rank: int) -> Exception:

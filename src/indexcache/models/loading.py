@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -152,6 +154,29 @@ def _hub_weight_names(repo_id: str) -> set[str] | None:
         return None
 
 
+def weight_bytes_by_layer(checkpoint: Checkpoint) -> tuple[list[int], int] | None:
+    """(bytes of each decoder layer's tensors, bytes of the rest: embeddings, head, norms) as stored in a local
+    safetensors checkpoint, read from the shards' headers (the 8-byte header length, then its JSON: every
+    tensor's byte range); None for other formats. Tensors of layers past the decoder stack (GLM-5's MTP layer)
+    are not loaded, so not counted."""
+    if checkpoint.path is None or not (files := sorted(checkpoint.path.glob("*.safetensors"))):
+        return None
+    layers, rest = [0] * checkpoint.num_layers, 0
+    for f in files:
+        with open(f, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            size = entry["data_offsets"][1] - entry["data_offsets"][0]
+            match = re.search(r"\blayers\.(\d+)\.", name)
+            if match is None:
+                rest += size
+            elif int(match[1]) < checkpoint.num_layers:
+                layers[int(match[1])] += size
+    return layers, rest
+
+
 def weight_names(checkpoint: str, path: Path | None) -> set[str] | None:
     """Every tensor name the checkpoint holds, read without loading a weight; None when no listing is reachable."""
     return _local_weight_names(path) if path is not None else _hub_weight_names(checkpoint)
@@ -230,6 +255,66 @@ def load_tokenizer(checkpoint: Checkpoint, tokenizer: str | None = None, require
         raise IndexCacheError(f"could not load the tokenizer from {source}: {first}") from exc
 
 
+class _StageKeys:
+    """What transformers' loader asks a pipeline stage (`model._pp_stage`): which stage owns a weight. Rank 0 is
+    this stage; 1 stands for the others, whose tensors are skipped unread instead of reported unexpected."""
+
+    pp_rank = 0
+
+    def __init__(self, set_aside: list[str]):
+        self.set_aside = tuple(name + "." for name in set_aside)
+
+    def find_rank_for_key(self, key: str, num_layers: int, base_model_prefix: str) -> int | None:
+        return 1 if key.startswith(self.set_aside) else None
+
+
+def _stage_class(model_class: type, arch: DsaArchitecture, held: range) -> type:
+    """`model_class` for one pipeline stage holding decoder layers `held` (the embeddings too where it starts at
+    layer 0; the final norm and LM head where it ends at the last layer).
+
+    transformers builds the model on `meta`, then calls `maybe_distribute_model` before any weight loads; here
+    that sets aside every module the stage does not hold, so only the stage's tensors are read from the
+    safetensors shards. `restore_set_aside` puts those modules back afterwards, still on `meta` (no memory):
+    the model keeps its full structure and layer numbering.
+    """
+
+    class Stage(model_class):
+        @classmethod
+        def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+            from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+            base, layers = arch.base_model(model), arch.layers(model)
+            tied = model.config.get_text_config().tie_word_embeddings
+            head = model.get_output_embeddings()
+            modules = {id(m): name for name, m in model.named_modules()}
+            aside: list[tuple[nn.Module, str, nn.Module]] = []
+            aside += [(layers, str(i), layers[i]) for i in range(len(layers)) if i not in held]
+            if held.start > 0 and not (tied and held.stop == len(layers)):  # tied: the head needs the table
+                aside.append((base, "embed_tokens", base.embed_tokens))
+            if held.stop < len(layers):
+                aside += [(base, name, getattr(base, name)) for name in (arch.streams_head, arch.final_norm) if name]
+                head_name = modules[id(head)].rpartition(".")
+                owner = model.get_submodule(head_name[0]) if head_name[0] else model
+                aside.append((owner, head_name[2], head))
+                if tied:
+                    model.all_tied_weights_keys = {}
+            model._pp_stage = _StageKeys([modules[id(m)] for _, _, m in aside])
+            model._indexcache_set_aside = aside
+            for parent, name, _ in aside:
+                parent._modules[name] = PipelineIdentityLayer()
+            return model
+
+    Stage.__name__ = Stage.__qualname__ = model_class.__name__
+    return Stage
+
+
+def restore_set_aside(model: nn.Module) -> None:
+    """Put back the modules a stage set aside before its load (on `meta`), and forget the stage's key map."""
+    for parent, name, module in model.__dict__.pop("_indexcache_set_aside", []):
+        parent._modules[name] = module
+    model.__dict__.pop("_pp_stage", None)
+
+
 def load_weights(
     checkpoint: Checkpoint,
     dtype: str = "auto",
@@ -237,22 +322,35 @@ def load_weights(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     tokenizer=None,
+    held: range | None = None,
 ) -> LoadedModel:
     """Load the weights of an opened checkpoint with transformers' own classes.
 
     A layer whose indexer weights the checkpoint turns out not to hold (transformers reports them missing and
-    initialises them at random) loses its indexer module, so it can never be F.
+    initialises them at random) loses its indexer module, so it can never be F. With `held` (a pipeline stage's
+    decoder layers) only those layers' tensors are read, with the embeddings on the stage that starts at layer 0
+    and the final norm and LM head on the one that ends at the last; every other module stays on `meta`.
     """
     import transformers
+    from transformers.models.auto.auto_factory import _get_model_class
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    model_class = getattr(transformers, checkpoint.arch.auto_class)
+    stage = {}
+    if held is not None:
+        concrete = _get_model_class(checkpoint.config, model_class._model_mapping)
+        model_class = _stage_class(concrete, checkpoint.arch, held)
+        # A distributed config (of one process) makes transformers call the stage's hook; a copy of the config
+        # keeps it off the checkpoint's own.
+        stage = {"distributed_config": transformers.DistributedConfig(), "config": copy.deepcopy(checkpoint.config)}
+        device_map = {"": device}  # placed as loaded: `.to()` cannot move the modules left on meta
     try:
-        loaded, info = getattr(transformers, checkpoint.arch.auto_class).from_pretrained(
+        loaded, info = model_class.from_pretrained(
             checkpoint.name,
-            config=checkpoint.config,
+            **{"config": checkpoint.config, **stage},
             dtype=torch_dtype,
             device_map=device_map,
             max_memory=max_memory,
@@ -265,6 +363,7 @@ def load_weights(
         raise IndexCacheError(
             f"could not load model weights from {checkpoint.name}: {str(exc).splitlines()[0]}"
         ) from exc
+    restore_set_aside(loaded)
     if device_map is None:
         loaded.to(device)
     loaded.eval()

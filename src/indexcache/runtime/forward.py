@@ -86,13 +86,28 @@ class LayerwiseModel:
 
     @property
     def input_device(self) -> torch.device:
-        return self.base.embed_tokens.weight.device
+        """The device of the first weights held: the embeddings' (a pipeline stage leaves others' on `meta`)."""
+        return next(p.device for p in self.base.parameters() if not p.is_meta)
 
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerInputs]:
         """input_ids: [B, S] → hidden [B, S, D] ([B, S, n, D] with n hyper-connection streams, [B, S, n·D] where
         they lie flat) and the per-batch layer inputs."""
         input_ids = input_ids.to(self.input_device)
         hidden = self.base.embed_tokens(input_ids)
+        inputs = self._layer_inputs(input_ids, hidden)
+        if self.streams:
+            hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1)
+            hidden = (hidden.flatten(2) if self.arch.flat_streams else hidden).contiguous()
+        return hidden, inputs
+
+    def layer_inputs(self, input_ids: torch.Tensor) -> LayerInputs:
+        """The per-batch layer inputs of `embed` without the embedding table (a pipeline stage after the first
+        holds none): masks and rotary tables need only the embeddings' shape, dtype and device."""
+        input_ids = input_ids.to(self.input_device)
+        like = torch.zeros((), dtype=self.model.dtype, device=self.input_device)
+        return self._layer_inputs(input_ids, like.expand(*input_ids.shape, self.base.config.hidden_size))
+
+    def _layer_inputs(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> LayerInputs:
         position_ids = torch.arange(input_ids.shape[1], device=hidden.device).unsqueeze(0)
         if self.arch.inputs_by_layer_type:
             inputs = self._inputs_by_layer_type(hidden, position_ids)
@@ -100,10 +115,7 @@ class LayerwiseModel:
             mask = self._layer_mask(hidden, position_ids)
             inputs = LayerInputs(self._rotary(hidden, position_ids), position_ids, mask)
         inputs.extra = {name: input_ids for name in self.arch.token_id_inputs}
-        if self.streams:
-            hidden = hidden.unsqueeze(2).expand(-1, -1, self.streams, -1)
-            hidden = (hidden.flatten(2) if self.arch.flat_streams else hidden).contiguous()
-        return hidden, inputs
+        return inputs
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """None (no positional encoding), one (cos, sin) table, or {label: (cos, sin)} for the adapter's

@@ -7,8 +7,10 @@
 - `pruned`: `cached` plus successive halving over the windows: score all candidates on a few windows, keep
   the best half, add windows, until the survivors are scored on all of them.
 Every scorer counts the decoder-layer forwards (layer × window) it ran. Under several processes (`World`) each
-step's candidates (and a single pattern's windows) are shared among the ranks, each of which holds the whole model
-and prefix cache: the losses gathered are the ones one process computes.
+step's candidates (and a single pattern's windows) are shared among the replicas: a replica is one rank holding
+the whole model and prefix cache, or a pipeline whose stage ranks each hold some layers and their part of the
+cache (`StageLink`), through which a share's runs are streamed. The losses gathered are the ones one process
+computes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distributed import World
+from ..distributed.pipeline import StageLink
 from ..errors import IndexCacheError
 from ..patterns.layout import FULL, SHARED
 from ..runtime.forward import LayerInputs, LayerState, LayerwiseModel
@@ -45,6 +48,7 @@ class PatternScorer:
     Args:
         windows: int64 [N, L] calibration token windows, run `batch_size` windows at a time.
         world: the processes that share the work (this one alone by default).
+        link: this rank's pipeline stage (default: one stage holding every layer).
     """
 
     strategy = "naive"
@@ -57,8 +61,10 @@ class PatternScorer:
         batch_size: int = 1,
         first_label: int = 1,
         world: World | None = None,
+        link: StageLink | None = None,
     ):
         self.world = world or World()
+        self.link = link or StageLink.alone(lw.num_layers)
         self.lw = lw
         self.state = state
         self.batch_size = batch_size
@@ -73,14 +79,83 @@ class PatternScorer:
         return float(torch.cat(nll_sums).sum() / (windows * self.tokens_per_window))
 
     @torch.no_grad()
+    def _stream(self, runs: list[tuple[str, int, int, _Activations | None]]) -> list[torch.Tensor]:
+        """The summed NLL per window, fp64 [B], of each run (pattern, batch, first layer, activations to record
+        into or None), on every stage.
+
+        This stage runs its layers of every run that reaches them. When the previous stage has sent a run, it takes
+        that one (so the stages after it are fed); otherwise it starts the next run that begins in its own layers
+        from its cache, or waits for one to arrive. It sends the hidden states and the index buffer on without
+        waiting, so all stages work at once. The last stage computes the losses and shares them once every run is
+        done. With one stage this is each run in order."""
+        link = self.link
+        own = [i for i, (_, _, start, _) in enumerate(runs) if link.start <= start < link.stop]
+        link.expect(sum(start < link.start for _, _, start, _ in runs), 2, self.lw.input_device)
+        sums: dict[int, torch.Tensor] = {}
+        while own or link.expecting:
+            if link.expecting and (not own or link.arrived()):
+                i, (hidden, buffer) = link.receive()
+                pattern, b, _, into = runs[i]
+                start, layer_state = link.start, None
+                self.state.pattern, self.state.buffer = pattern, buffer
+            else:
+                i = own.pop(0)
+                pattern, b, start, into = runs[i]
+                self.state.pattern = pattern
+                hidden, layer_state = self._enter(b, start)
+            hidden = self._run(b, start, link.stop, hidden, layer_state, into)
+            if link.last:
+                sums[i] = self.lw.nll_sum(hidden, self.batches[b], self.first_label)
+            else:
+                link.send(i, [hidden, self.state.buffer])
+        link.flush()
+        sums = link.from_last(sums)
+        ordered = [sums[i] for i in range(len(runs))]
+        for (pattern, b, _, into), nll in zip(runs, ordered, strict=True):
+            try:
+                self._finite(nll, pattern, b)
+            except IndexCacheError as exc:
+                exc.pipeline_wide = True  # every stage raises it here, so the replicas' gather can carry it
+                raise
+            if into is not None:
+                into.nll = nll
+        return ordered
+
+    def _enter(self, b: int, start: int) -> tuple[torch.Tensor, LayerState]:
+        """Hidden states entering layer `start` (0: full forwards) of batch `b`, and the cross-layer state."""
+        assert start == 0
+        self.state.buffer = None
+        return self.lw.embed(self.batches[b])[0], self.lw.new_layer_state()
+
+    def _run(self, b: int, start: int, stop: int, hidden, layer_state, into) -> torch.Tensor:
+        """hidden entering layer `start` → hidden entering `stop`, for batch `b`."""
+        inputs = self.lw.layer_inputs(self.batches[b])
+        self.layer_forwards += (stop - start) * self.batches[b].shape[0]
+        return self.lw.run_layers(hidden, inputs, start, stop, layer_state)
+
     def _batch_nll(self, pattern: str, b: int) -> torch.Tensor:
         """Summed NLL per window of batch `b` under `pattern`, by a full forward. fp64 [batch]."""
-        ids = self.batches[b]
-        self.state.pattern = pattern
-        hidden, inputs = self.lw.embed(ids)
-        hidden = self.lw.run_layers(hidden, inputs, 0, self.lw.num_layers)
-        self.layer_forwards += self.lw.num_layers * ids.shape[0]
-        return self._finite(self.lw.nll_sum(hidden, ids, self.first_label), pattern, b)
+        return self._stream([(pattern, b, 0, None)])[0]
+
+    def _streamed(self, share: list, runs_of) -> dict:
+        """{item: the summed NLLs of its runs (`runs_of(item)`)} for one replica's share, in one stream."""
+        runs = {item: runs_of(item) for item in share}
+        sums = iter(self._stream([run for item in share for run in runs[item]]))
+        return {item: [next(sums) for _ in runs[item]] for item in share}
+
+    def _scores(self, candidates: list[int], runs_of, cost=None, on_candidate=None) -> dict[int, CandidateScore]:
+        """The score of each candidate layer from its runs (`runs_of(layer)`), the candidates shared among the
+        replicas: a pipeline streams its whole share at once, one process scores one candidate after another."""
+
+        def scored(share: list[int]) -> dict[int, CandidateScore]:
+            return {
+                layer: CandidateScore(self._mean(sums), sum(t.numel() for t in sums))
+                for layer, sums in self._streamed(share, runs_of).items()
+            }
+
+        if self.link.world.stages > 1:
+            return self.world.map_shares(scored, candidates, cost, on_candidate)
+        return self.world.map(lambda layer: scored([layer])[layer], candidates, cost, on_candidate)
 
     def _finite(self, nll: torch.Tensor, pattern: str, b: int) -> torch.Tensor:
         """`nll` if every value is finite; else stop the run, naming the batch and the first layer that broke.
@@ -99,6 +174,8 @@ class PatternScorer:
     @torch.no_grad()
     def _first_non_finite(self, pattern: str, b: int) -> str:
         """Rerun batch `b` one layer at a time and name where the activations stop being finite."""
+        if self.link.world.stages > 1:
+            return "a layer of the pipeline (rerun without --pipeline-stages to name it)"
         ids = self.batches[b]
         self.state.pattern = pattern
         hidden, inputs = self.lw.embed(ids)
@@ -111,8 +188,11 @@ class PatternScorer:
         return "the final norm / LM head"
 
     def loss(self, pattern: str) -> float:
-        """Exact loss of `pattern`, its window batches shared among the ranks."""
-        sums = self.world.map(lambda b: self._batch_nll(pattern, b), range(len(self.batches)))
+        """Exact loss of `pattern`, its window batches shared among the replicas."""
+        sums = self.world.map_shares(
+            lambda share: {b: nll[0] for b, nll in self._streamed(share, lambda b: [(pattern, b, 0, None)]).items()},
+            range(len(self.batches)),
+        )
         return self._mean(list(sums.values()))
 
     def commit(self, pattern: str) -> float | None:
@@ -122,11 +202,10 @@ class PatternScorer:
     def score(self, pattern: str, candidates: list[int], on_candidate=None) -> dict[int, CandidateScore]:
         """Loss of each `flip(pattern, l)` for l in `candidates`, the candidates shared among the ranks."""
 
-        def full_forwards(layer: int) -> CandidateScore:
-            sums = [self._batch_nll(flip(pattern, layer), b) for b in range(len(self.batches))]
-            return CandidateScore(self._mean(sums), self.num_windows)
-
-        return self.world.map(full_forwards, candidates, on_result=on_candidate)
+        batches = range(len(self.batches))
+        return self._scores(
+            candidates, lambda layer: [(flip(pattern, layer), b, 0, None) for b in batches], on_candidate=on_candidate
+        )
 
 
 @dataclass
@@ -208,7 +287,7 @@ class CachePlan:
         if self.spare:
             reuse = f"winner's activations reused at commit (room {self.spare:.2g}× the cache)"
         else:
-            reuse = "no room to keep the winner's activations: commits recompute"
+            reuse = "commits recompute the winner's layers"
         return f"prefix cache in {self.location} memory, {kept}; {reuse}"
 
 
@@ -222,8 +301,11 @@ def parse_cache_option(requested: str) -> tuple[str, int | None]:
     return "every", int(match[1])
 
 
-def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto") -> CachePlan:
-    """Choose where the prefix cache fits: `device`, `host`, `every:K`, or `auto` (from free memory).
+def plan_cache(
+    lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto", layers: int | None = None
+) -> CachePlan:
+    """Choose where the prefix cache of `layers` layers (default: all; a pipeline stage's own) fits: `device`,
+    `host`, `every:K`, or `auto` (from free memory).
 
     The cache (hidden states and top-k index buffers of the kept layers, `cache_bytes_per_layer`) takes at most
     half the free memory of its location; `spare` (room for the winner's activations) comes out of what is left
@@ -232,7 +314,7 @@ def plan_cache(lw: LayerwiseModel, windows: torch.Tensor, requested: str = "auto
     kind, every = parse_cache_option(requested)
     on_gpu = lw.input_device.type == "cuda"
     host = "host" if on_gpu else "device"
-    need = cache_bytes_per_layer(lw, windows) * lw.num_layers
+    need = cache_bytes_per_layer(lw, windows) * (lw.num_layers if layers is None else layers)
     host_free = _host_available_bytes()
     free = {"host": host_free, "device": device_free_bytes(lw.input_device) if on_gpu else host_free}
 
@@ -287,9 +369,17 @@ class CachedScorer(PatternScorer):
     strategy = "cached"
 
     def __init__(
-        self, lw, state, windows, batch_size=1, plan: CachePlan | None = None, first_label: int = 1, world=None
+        self,
+        lw,
+        state,
+        windows,
+        batch_size=1,
+        plan: CachePlan | None = None,
+        first_label: int = 1,
+        world=None,
+        link=None,
     ):
-        super().__init__(lw, state, windows, batch_size, first_label, world)
+        super().__init__(lw, state, windows, batch_size, first_label, world, link)
         self.plan = plan or CachePlan()
         self.committed: str | None = None
         self.inputs: list[LayerInputs] = []
@@ -325,18 +415,17 @@ class CachedScorer(PatternScorer):
             layer_state.to(self.lw.input_device, non_blocking=True)  # KVSharingDict.to works in place
         return layer_state
 
-    @torch.no_grad()
-    def _run_from(self, pattern: str, b: int, start: int, into: _Activations | None) -> torch.Tensor:
-        """Run batch `b` from kept layer `start` to the end under `pattern`, recording into `into` if given.
-        Returns the summed NLL per window, fp64 [B]."""
+    def _enter(self, b: int, start: int) -> tuple[torch.Tensor, LayerState]:
+        """The committed pattern's cached activations entering kept layer `start`, on the model's device."""
         entry = self.cache[b]
-        self.state.pattern = pattern
-        hidden = self._load(entry.hidden[start], self.lw.input_device)
         self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
-        layer_state = self._load_state(entry.entering_state[start])
+        return self._load(entry.hidden[start], self.lw.input_device), self._load_state(entry.entering_state[start])
+
+    def _run(self, b: int, start: int, stop: int, hidden, layer_state, into) -> torch.Tensor:
+        """hidden entering layer `start` → entering `stop`, recording each kept layer's inputs into `into`."""
         host_copies: dict[int, torch.Tensor] = {}
         source, stored = None, None  # the last index buffer stored, so S layers sharing it store it once
-        for layer in range(start, self.lw.num_layers):
+        for layer in range(start, stop):
             if into is not None and layer % self.plan.every == 0:
                 if self.state.buffer is not source:
                     source = self.state.buffer
@@ -345,11 +434,13 @@ class CachedScorer(PatternScorer):
                 into.entering_state[layer] = self._store_state(layer_state, host_copies)
                 into.hidden[layer] = self._store(hidden)
             hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1, layer_state)
-        self.layer_forwards += (self.lw.num_layers - start) * self.batches[b].shape[0]
-        nll = self._finite(self.lw.nll_sum(hidden, self.batches[b], self.first_label), pattern, b)
-        if into is not None:
-            into.nll = nll
-        return nll
+        self.layer_forwards += (stop - start) * self.batches[b].shape[0]
+        return hidden
+
+    def _run_from(self, pattern: str, b: int, start: int, into: _Activations | None) -> torch.Tensor:
+        """Run batch `b` from kept layer `start` to the end under `pattern`, recording into `into` if given.
+        Returns the summed NLL per window, fp64 [B]."""
+        return self._stream([(pattern, b, start, into)])[0]
 
     def _first_kept(self, layer: int) -> int:
         return layer - layer % self.plan.every
@@ -364,9 +455,12 @@ class CachedScorer(PatternScorer):
         change: the winner's recorded run supplies them, and batches it could not record are recomputed."""
         if self.committed is None:
             self.cache, self.inputs = [], []
-            for ids in self.batches:
-                hidden, inputs = self.lw.embed(ids)
-                self.cache.append(_Activations({0: self._store(hidden)}, {0: None}, {0: self.lw.new_layer_state()}))
+            for ids in self.batches:  # stages after the first hold no embeddings, only the layer inputs
+                hidden, inputs = self.lw.embed(ids) if self.link.first else (None, self.lw.layer_inputs(ids))
+                entry = _Activations({}, {0: None}, {0: self.lw.new_layer_state()})
+                if hidden is not None:
+                    entry.hidden[0] = self._store(hidden)
+                self.cache.append(entry)
                 self.inputs.append(inputs)
             start, winner = 0, None
         else:
@@ -376,8 +470,8 @@ class CachedScorer(PatternScorer):
         for b, entry in enumerate(self.cache):
             if b in recorded:
                 entry.install(recorded[b])
-            else:
-                self._run_from(pattern, b, self._first_kept(start), into=entry)
+        first = self._first_kept(start)
+        self._stream([(pattern, b, first, entry) for b, entry in enumerate(self.cache) if b not in recorded])
         self.committed = pattern
         return self._mean([entry.nll for entry in self.cache])
 
@@ -400,6 +494,10 @@ class CachedScorer(PatternScorer):
     def score(self, pattern, candidates, on_candidate=None):
         if pattern != self.committed:
             self.commit(pattern)
+        if self.link.world.stages > 1:
+            batches = range(len(self.batches))
+            runs = lambda layer: [(flip(pattern, layer), b, self._first_kept(layer), None) for b in batches]  # noqa: E731
+            return self._scores(candidates, runs, self._restart_cost, on_candidate)
         scores = {}  # this rank's; a winner scored elsewhere is recomputed here at commit
 
         def restart(layer: int) -> CandidateScore:
@@ -432,8 +530,9 @@ class PrunedScorer(CachedScorer):
         min_survivors: int = 2,
         first_label=1,
         world=None,
+        link=None,
     ):
-        super().__init__(lw, state, windows, batch_size, plan, first_label, world)
+        super().__init__(lw, state, windows, batch_size, plan, first_label, world, link)
         self.keep = keep
         self.min_survivors = min_survivors
         n = len(self.batches)
@@ -453,11 +552,18 @@ class PrunedScorer(CachedScorer):
         alive = list(candidates)
         scores: dict[int, CandidateScore] = {}
         for s, upto in enumerate(self.stages):
-            added = self.world.map(
-                lambda layer, upto=upto: [self._flip_nll(layer, b) for b in range(len(sums[layer]), upto)],
-                alive,
-                cost=lambda layer, upto=upto: self._restart_cost(layer) * (upto - len(sums[layer])),
-            )
+            cost = lambda layer, upto=upto: self._restart_cost(layer) * (upto - len(sums[layer]))  # noqa: E731
+            if self.link.world.stages > 1:
+                runs = lambda layer, upto=upto: [  # noqa: E731
+                    (flip(pattern, layer), b, self._first_kept(layer), None) for b in range(len(sums[layer]), upto)
+                ]
+                added = self.world.map_shares(lambda share, runs=runs: self._streamed(share, runs), alive, cost)
+            else:
+                added = self.world.map(
+                    lambda layer, upto=upto: [self._flip_nll(layer, b) for b in range(len(sums[layer]), upto)],
+                    alive,
+                    cost=cost,
+                )
             for layer in alive:
                 sums[layer] += added[layer]
                 seen = sum(t.numel() for t in sums[layer])
