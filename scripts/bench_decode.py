@@ -204,10 +204,11 @@ class Run:
         sizes = [300] if tiny else [32768, 131072, 204800]
         gen = torch.Generator(device=self.device).manual_seed(0)
         rows = []
-        variants = {  # launch options as functions of (batch, keys); the default splits rows into <= 1,024 keys
-            "split_264_per_launch": lambda batch, keys: {"n_split": math.ceil(264 / batch)},  # the first v2 rule
-            "split_512_keys": lambda batch, keys: {"n_split": math.ceil(keys / 512)},
-            "block64": lambda batch, keys: {"block_n": 64},
+        variants = {  # launch options as functions of (batch, keys), timed at 128K and 200K on the GLM-5 shape
+            "split_1024_keys": lambda batch, keys: {"n_split": math.ceil(keys / 1024)},  # kern2's rule at batch 1
+            "no_pdl": lambda batch, keys: {"pdl": False},  # each launch waits for the previous one to end
+            "stages4": lambda batch, keys: {"num_stages": 4},
+            "block256_warps8": lambda batch, keys: {"block_n": 256, "num_warps": 8},
         }
         for name, (heads, dim) in INDEXER_SHAPES.items():
             for num_keys in sizes:
@@ -223,9 +224,7 @@ class Run:
                     ]  # fmt: skip
                     row = {"shape": name, "keys": num_keys, "batch": batch}
                     row["floor_us"] = key_bytes / self.copy_tb_s / 1e6
-                    timed_variants = (
-                        variants if name == "glm5" and num_keys == sizes[len(sizes) // 2] and not tiny else {}
-                    )
+                    timed_variants = variants if name == "glm5" and num_keys >= 131072 and not tiny else {}
                     for label, launch in {"default": lambda batch, keys: {}, **timed_variants}.items():
                         split_k = partial(
                             decode_indexer_topk_triton,
@@ -235,7 +234,7 @@ class Run:
                             **launch(batch, num_keys),
                         )
                         row[f"{label}_us"] = self.per_set_us(lambda q, k, f=split_k: f(q, k), inputs)
-                    if timed_variants and self.cuda:
+                    if num_keys == 131072 and name == "glm5" and self.cuda:
                         default = partial(decode_indexer_topk_triton, weights=w, topk=topk, softmax_scale=scale)
                         row["profiled_kernels"] = self.kernel_us(default, inputs)
                     prefill = partial(lightning_indexer_topk_triton, weights=w[:, None], topk=topk, softmax_scale=scale)
