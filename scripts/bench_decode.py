@@ -16,6 +16,8 @@ and sections left when `--budget-s` has passed are skipped:
   glm5 / dsv32 / glm5_dense   `bench.decode.decode_bench` and `bench.prefill.bench` on K = 2 layers built from
                   transformers' GlmMoeDsaConfig() / DeepseekV32Config() (the released models' shapes), all-F vs the
                   uniform 1/4 pattern, with the model's MoE (random router) or the dense MLP.
+  absorption      GLM-5 (MoE) all-F prefill layers at 8K / 128K / 200K: the attention's absorption matmuls through
+                  head-major views (shipped) vs the einsum form they replaced, patched in, in the same run.
   mla_sweep       sparse MLA prefill kernel launch variants on 4,096 queries over 128K keys, and the gather floor
                   (the same latent rows read by index_select).
 The table is printed last.
@@ -204,10 +206,11 @@ class Run:
         sizes = [300] if tiny else [32768, 131072, 204800]
         gen = torch.Generator(device=self.device).manual_seed(0)
         rows = []
-        variants = {  # launch options as functions of (batch, keys); the default splits rows into <= 1,024 keys
-            "split_264_per_launch": lambda batch, keys: {"n_split": math.ceil(264 / batch)},  # the first v2 rule
-            "split_512_keys": lambda batch, keys: {"n_split": math.ceil(keys / 512)},
-            "block64": lambda batch, keys: {"block_n": 64},
+        variants = {  # launch options as functions of (batch, keys), timed at 128K and 200K on the GLM-5 shape
+            "split_1024_keys": lambda batch, keys: {"n_split": math.ceil(keys / 1024)},  # kern2's rule at batch 1
+            "no_pdl": lambda batch, keys: {"pdl": False},  # each launch waits for the previous one to end
+            "stages4": lambda batch, keys: {"num_stages": 4},
+            "block256_warps8": lambda batch, keys: {"block_n": 256, "num_warps": 8},
         }
         for name, (heads, dim) in INDEXER_SHAPES.items():
             for num_keys in sizes:
@@ -223,9 +226,7 @@ class Run:
                     ]  # fmt: skip
                     row = {"shape": name, "keys": num_keys, "batch": batch}
                     row["floor_us"] = key_bytes / self.copy_tb_s / 1e6
-                    timed_variants = (
-                        variants if name == "glm5" and num_keys == sizes[len(sizes) // 2] and not tiny else {}
-                    )
+                    timed_variants = variants if name == "glm5" and num_keys >= 131072 and not tiny else {}
                     for label, launch in {"default": lambda batch, keys: {}, **timed_variants}.items():
                         split_k = partial(
                             decode_indexer_topk_triton,
@@ -235,7 +236,7 @@ class Run:
                             **launch(batch, num_keys),
                         )
                         row[f"{label}_us"] = self.per_set_us(lambda q, k, f=split_k: f(q, k), inputs)
-                    if timed_variants and self.cuda:
+                    if num_keys == 131072 and name == "glm5" and self.cuda:
                         default = partial(decode_indexer_topk_triton, weights=w, topk=topk, softmax_scale=scale)
                         row["profiled_kernels"] = self.kernel_us(default, inputs)
                     prefill = partial(lightning_indexer_topk_triton, weights=w[:, None], topk=topk, softmax_scale=scale)
@@ -248,23 +249,29 @@ class Run:
                     self.free()
         return {"rows": rows}
 
-    def model_rows(self, key: str) -> dict:
-        """decode_bench and bench rows of one model config (K = 2 layers), 1/4 uniform vs all-F."""
+    def model_stack(self, key: str):
+        """(config, K = 2 layer stack) of one model config: the released model's shapes, tiny ones with --tiny."""
         from transformers import DeepseekV32Config, GlmMoeDsaConfig
 
-        from indexcache.bench.decode import decode_bench
-        from indexcache.bench.prefill import bench, build_stack, named_patterns
+        from indexcache.bench.prefill import build_stack
 
-        tiny = self.args.tiny
         make = {"glm5": GlmMoeDsaConfig, "dsv32": DeepseekV32Config, "glm5_dense": GlmMoeDsaConfig}[key]
         small = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32)
         small |= dict(qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, index_n_heads=4, index_head_dim=32)
         small |= dict(index_topk=16, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8)
         small |= dict(num_experts_per_tok=2, n_group=1, topk_group=1)
-        config = make(**small) if tiny else make()
+        config = make(**small) if self.args.tiny else make()
         mlp = "dense" if key == "glm5_dense" else "moe"
-        dtype = torch.float32 if tiny else torch.bfloat16
-        stack = build_stack(config, 2, self.device, dtype, mlp=mlp)
+        dtype = torch.float32 if self.args.tiny else torch.bfloat16
+        return config, build_stack(config, 2, self.device, dtype, mlp=mlp)
+
+    def model_rows(self, key: str) -> dict:
+        """decode_bench and bench rows of one model config (K = 2 layers), 1/4 uniform vs all-F."""
+        from indexcache.bench.decode import decode_bench
+        from indexcache.bench.prefill import bench, named_patterns
+
+        tiny = self.args.tiny
+        config, stack = self.model_stack(key)
         patterns = named_patterns(config.num_hidden_layers, None, 0.25)
         decode_contexts = [40] if tiny else [32768, 131072, 204800]
         prefill_contexts = [40] if tiny else [8192, 32768, 131072, 204800]
@@ -286,6 +293,36 @@ class Run:
                 traceback.print_exc()
             self.free()
             self.save_partial(key, out)
+        del stack
+        self.free()
+        return out
+
+    def absorption(self) -> dict:
+        """GLM-5 (MoE) prefill layers, all-F, through `bench`: the absorption matmuls as shipped (bmm through
+        head-major views) against the einsum form they replaced (permute copies), patched in, same run."""
+        from indexcache.bench.prefill import bench, named_patterns
+        from indexcache.runtime import absorbed
+
+        def einsum_form(x, w, out):  # before: einsum copies x head-major and its head-major result back
+            out.copy_(torch.einsum("nhi,hio->nho", x, w))
+
+        config, stack = self.model_stack("glm5")
+        all_f = [p for p in named_patterns(config.num_hidden_layers, None, 0.25) if p[0] == "all-F"]
+        shipped = absorbed._per_head_matmul
+        out = {"rows": [], "errors": []}
+        for context in [40] if self.args.tiny else [8192, 131072, 204800]:
+            for label, form in (("views", shipped), ("einsum", einsum_form)):
+                absorbed._per_head_matmul = form
+                try:
+                    rows = bench(stack, [context], all_f, self.device, "auto", 1 if self.args.tiny else 2)
+                    out["rows"] += [r | {"absorption": label} for r in rows]
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    out["errors"].append(f"{label} {context}: {type(e).__name__}: {str(e)[:300]}")
+                    traceback.print_exc()
+                finally:
+                    absorbed._per_head_matmul = shipped
+                self.free()
+                self.save_partial("absorption", out)
         del stack
         self.free()
         return out
@@ -341,7 +378,7 @@ class Run:
         return out
 
     def run(self):
-        order = ["ceilings", "decode_check", "decode_indexer", "glm5", "dsv32", "glm5_dense", "mla_sweep"]
+        order = ["ceilings", "decode_check", "decode_indexer", "glm5", "dsv32", "glm5_dense", "absorption", "mla_sweep"]
         for name in order:
             if self.args.sections and name not in self.args.sections:
                 continue
@@ -396,6 +433,12 @@ def print_table(results: dict) -> None:
                   f"peak {r['peak_gib']}")  # fmt: skip
         for e in rec.get("errors", []):
             print(f"{key} error: {e}")
+    for r in sec.get("absorption", {}).get("rows", []):
+        sp = r["split_ms_per_layer"]
+        print(f"absorption {r['absorption']} prefill {r['context']} {r['name']}: {r['ms_per_layer']:.1f} ms/layer "
+              f"({sp['indexer']:.1f}/{sp['attention']:.1f}/{sp['rest']:.1f}) peak {r['peak_gib']}")  # fmt: skip
+    for e in sec.get("absorption", {}).get("errors", []):
+        print(f"absorption error: {e}")
     mla = sec.get("mla_sweep", {})
     if "gather" in mla:
         print(f"mla gather floor {mla['gather']['ms']:.2f} ms {mla['gather']['tb_s']:.2f} TB/s")

@@ -18,6 +18,7 @@ from indexcache import defaults  # noqa: E402
 from indexcache.kernels import wiring  # noqa: E402
 from indexcache.kernels.backend import forced  # noqa: E402
 from indexcache.models import architecture_for  # noqa: E402
+from indexcache.runtime import absorbed  # noqa: E402
 from indexcache.runtime.absorbed import AbsorbedWeights, absorbed_attention, dense_weight  # noqa: E402
 from indexcache.runtime.backends import kernel_indexer, kernels_installed, select_backend  # noqa: E402
 from indexcache.runtime.forward import LayerwiseModel  # noqa: E402
@@ -111,6 +112,16 @@ def test_absorbed_reproduces_stock_losses(model_type, backend):
     for pattern in PATTERNS if backend == "reference" else PATTERNS[1:]:
         expected = _reference_loss(model, arch, pattern)
         assert _absorbed_loss(model, arch, pattern, backend) == pytest.approx(expected, rel=LOSS_RTOL), pattern
+
+
+@pytest.mark.parametrize("rows", [7, 40], ids=["pieces-of-a-sequence", "one-sequence-each"])
+def test_query_blocks_reproduce_the_one_block_loss(monkeypatch, rows):
+    """Latent query blocks of at most `rows` (b, s) rows (batch 2 × 40 tokens: one block by default) give the same
+    loss: no block attends to another sequence's keys or writes another's output rows."""
+    model, arch = _model("glm_moe_dsa"), architecture_for("glm_moe_dsa")
+    one_block = _absorbed_loss(model, arch, "FSFS", "reference")
+    monkeypatch.setattr(absorbed, "_QUERY_CHUNK_ELEMENTS", rows * 4 * 32)  # rows × heads × kv_lora_rank
+    assert _absorbed_loss(model, arch, "FSFS", "reference") == pytest.approx(one_block, rel=1e-6)
 
 
 def test_tolerance_sees_the_pattern():

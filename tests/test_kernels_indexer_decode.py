@@ -55,11 +55,20 @@ def test_decode_indexer_matches_reference(batch, num_keys, n_heads, head_dim, to
         assert (got[:, num_keys:] == -1).all()
 
 
-def test_decode_indexer_ties_are_resolved_to_exactly_k():
-    """Negative head weights: ReLU zeroes most scores, so the k-th best is a tie shared by most keys, in one bin that
-    the scratch row cannot hold; the merge must still return exactly k distinct keys."""
+@pytest.mark.parametrize(
+    "launch",
+    [
+        pytest.param({"merge_block": 256}, id="in-registers"),
+        pytest.param({}, id="scratch-passes"),
+        pytest.param({"bucket_cap": 16}, id="whole-row"),
+    ],
+)
+def test_decode_indexer_ties_are_resolved_to_exactly_k(launch):
+    """Negative head weights: ReLU zeroes most scores, so the k-th best is a tie shared by most keys, in one bin of
+    ~150 candidates: merged in registers, by passes over the scratch row (more than `merge_block`), or over the
+    whole row (more than the scratch row holds); each must return exactly k distinct keys."""
     q, k, w = _inputs(2, 150, 1, 16, seed=3)
-    check(q, k, -w.abs(), 8, 0.25, bucket_cap=16)
+    check(q, k, -w.abs(), 8, 0.25, **launch)
 
 
 def test_reference_is_the_last_prefill_position():
