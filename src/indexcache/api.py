@@ -18,7 +18,14 @@ from .models import Checkpoint, LoadedModel, load_weights, open_checkpoint
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
 from .search.greedy import Observer, SearchState, block_starts, greedy_search, initial_state
-from .search.scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
+from .search.scoring import (
+    CachedScorer,
+    PatternScorer,
+    PrunedScorer,
+    parse_cache_option,
+    plan_cache,
+    window_threads,
+)
 from .steps import calibration_context, calibration_windows
 
 
@@ -61,17 +68,18 @@ def _check_search_options(output: Path, ratio, num_full, strategy, blocks, batch
 
 
 def make_scorer(
-    strategy, lw, state, windows: Windows, batch_size, cache, prune_keep, world: World | None = None
+    strategy, lw, state, windows: Windows, batch_size, cache, prune_keep, world: World | None = None, threads: int = 1
 ) -> PatternScorer:
     """The scorer of `strategy` (naive, cached, pruned) over `windows`, with its prefix-cache plan; under several
-    processes (`world`) each step's candidates are shared among the ranks."""
+    processes (`world`) each step's candidates are shared among the ranks; `threads` batches run at once."""
     ids, first_label = windows.input_ids, windows.first_label
+    common = {"first_label": first_label, "world": world, "threads": threads}
     if strategy == "naive":
-        return PatternScorer(lw, state, ids, batch_size, first_label=first_label, world=world)
+        return PatternScorer(lw, state, ids, batch_size, **common)
     plan = plan_cache(lw, ids, cache)
     if strategy == "cached":
-        return CachedScorer(lw, state, ids, batch_size, plan, first_label=first_label, world=world)
-    return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, first_label=first_label, world=world)
+        return CachedScorer(lw, state, ids, batch_size, plan, **common)
+    return PrunedScorer(lw, state, ids, batch_size, plan, keep=prune_keep, **common)
 
 
 @dataclass
@@ -168,7 +176,9 @@ def search(
         return result
 
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
-        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world)
+        # One process per core already under torchrun: threads only for a single process.
+        threads = window_threads(lw.input_device, backend) if world.size == 1 else 1
+        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world, threads)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
             "data_fingerprint": windows.fingerprint,
@@ -219,6 +229,7 @@ def search(
             "dtype": str(loaded.model.dtype).replace("torch.", ""),
             "kernels": backend,
             "batch_size": batch_size,
+            "threads": threads,
             **_placement(loaded, world),
         }
 
