@@ -13,7 +13,8 @@ process and its children), the search's own seconds and layer-forwards from the 
 average around it (the project's CPU machine is shared: wall times move with the load, CPU times much less).
 With `--baseline` (e.g. an install of main before a change) every run's pattern file must give the baseline's
 pattern, trajectory and losses exactly; the table says `same` or `DIFFERENT`, and the speedups are ratios to the
-baseline at the same thread count.
+baseline at the same thread count. `--reference` names a pattern file (e.g. of an earlier run) that every run
+must reproduce exactly, likewise.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--command", default=shutil.which("indexcache"), help="the indexcache command to time")
     parser.add_argument("--baseline", help="another indexcache command to time in the same run (e.g. main's)")
     parser.add_argument("--threads", default="", help="comma-separated OMP_NUM_THREADS values ('' = unset)")
+    parser.add_argument("--reference", type=Path, help="a pattern file every run must reproduce exactly")
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
 
@@ -80,6 +82,10 @@ def main() -> None:
                 rows.append({"role": role, **timed_search(command, threads)})
                 print({k: v for k, v in rows[-1].items() if k != "result"}, flush=True)
     baselines = {r["omp_num_threads"]: r for r in rows if r["role"] == "baseline"}
+    if options.reference is not None:
+        reference = json.loads(options.reference.read_text())
+        for row in rows:
+            row["same_result_as_reference"] = row["result"] == {key: reference[key] for key in RESULT_KEYS}
     for row in rows:
         base = baselines.get(row["omp_num_threads"])
         if base is not None and row is not base:
@@ -87,12 +93,13 @@ def main() -> None:
             for key in ("wall_s", "cpu_s", "search_s"):
                 row[f"{key}_speedup"] = round(base[key] / row[key], 3)
 
-    print(f"{'role':9} {'OMP':>4} {'wall s':>7} {'CPU s':>7} {'search s':>8} {'forwards':>8}  result")
+    verdict = {True: "same", False: "DIFFERENT", None: "-"}
+    print(f"{'role':9} {'OMP':>4} {'wall s':>7} {'CPU s':>7} {'search s':>8} {'forwards':>8}  vs baseline, reference")
     for r in rows:
-        same = {True: "same", False: "DIFFERENT", None: "-"}[r.get("same_result_as_baseline")]
         print(
             f"{r['role']:9} {r['omp_num_threads'] or '-':>4} {r['wall_s']:7.1f} {r['cpu_s']:7.1f} "
-            f"{r['search_s']:8.1f} {r['layer_forwards']:8}  {same}"
+            f"{r['search_s']:8.1f} {r['layer_forwards']:8}  {verdict[r.get('same_result_as_baseline')]}, "
+            f"{verdict[r.get('same_result_as_reference')]}"
         )
     if options.out is not None:
         write_json(
@@ -101,6 +108,7 @@ def main() -> None:
                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                 "date": datetime.date.today().isoformat(),
                 "versions": library_versions(),
+                "reference": str(options.reference) if options.reference else None,
                 "rows": rows,
             },
         )

@@ -10,7 +10,8 @@ from pathlib import Path
 
 # One intra-op thread per test process and for the commands tests start (torchrun ranks, CLI subprocesses): the
 # tiny models' ops are too small for two threads to share, and `pytest -n 2` (CI) runs one process per core.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

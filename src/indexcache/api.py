@@ -176,8 +176,7 @@ def search(
         return result
 
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
-        # One process per core already under torchrun: threads only for a single process.
-        threads = window_threads(lw.input_device, backend) if world.size == 1 else 1
+        threads = window_threads(lw.input_device, backend, world.size)
         scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world, threads)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
@@ -321,8 +320,11 @@ def _held_out_losses(checkpoint, windows, named, batch_size, kernels, dtype, dev
     several processes (`world`) each pattern's windows are shared among the ranks."""
     loaded = load_weights(checkpoint, dtype, device, device_map, max_memory)
     rows = []
-    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
-        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label, world=world)
+    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
+        threads = window_threads(lw.input_device, backend, world.size)
+        scorer = PatternScorer(
+            lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label, world=world, threads=threads
+        )
         for name, pattern in named(loaded.indexer_layers):
             rows.append(
                 {"name": name, "pattern": pattern, "num_full": len(full_layers(pattern)), "loss": scorer.loss(pattern)}

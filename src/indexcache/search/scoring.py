@@ -52,12 +52,13 @@ def _window_pool(threads: int) -> ThreadPoolExecutor:
     )
 
 
-def window_threads(device: torch.device, backend: str) -> int:
-    """How many batches' forwards a scorer runs at once: on the CPU's reference path, one per intra-op thread
-    (the small ops of one layer keep two intra-op threads waiting on each other, separate windows do not;
-    `scripts/profile_quickstart.py`); elsewhere one (a GPU is busy with one, and the Triton interpreter stays on
-    one thread)."""
-    return torch.get_num_threads() if device.type == "cpu" and backend == "reference" else 1
+def window_threads(device: torch.device, backend: str, processes: int = 1) -> int:
+    """How many batches' forwards a scorer runs at once: in one process on the CPU's reference path, one per
+    intra-op thread (the small ops of one layer keep two intra-op threads waiting on each other, separate windows
+    do not; `scripts/profile_quickstart.py`); elsewhere one (a GPU is busy with one, the Triton interpreter stays
+    on one thread, and torchrun's `processes` already share the cores)."""
+    on_cpu_reference = device.type == "cpu" and backend == "reference" and processes == 1
+    return torch.get_num_threads() if on_cpu_reference else 1
 
 
 class PatternScorer:
@@ -157,9 +158,11 @@ class PatternScorer:
         return "the final norm / LM head"
 
     def loss(self, pattern: str) -> float:
-        """Exact loss of `pattern`, its window batches shared among the ranks."""
-        sums = self.world.map(lambda b: self._batch_nll(pattern, b), range(len(self.batches)))
-        return self._mean(list(sums.values()))
+        """Exact loss of `pattern`, its window batches shared among the ranks (one process: on its threads)."""
+        batches = range(len(self.batches))
+        if self.world.size == 1:
+            return self._mean(self._map_batches(lambda b: self._batch_nll(pattern, b), batches))
+        return self._mean(list(self.world.map(lambda b: self._batch_nll(pattern, b), batches).values()))
 
     def commit(self, pattern: str) -> float | None:
         """Make `pattern` the committed one. Full forwards need no state, so there is no loss to return."""
@@ -210,6 +213,8 @@ class _Activations:
     def restart_layer(self, pattern: str) -> int | None:
         """The last kept layer whose entering activations also hold under `pattern` (those entering layer j
         depend on layers < j only, so every kept j up to the first layer where the patterns differ), or None."""
+        if self.pattern is None:  # a run that never finished
+            return None
         differs = next((i for i, (a, c) in enumerate(zip(self.pattern, pattern, strict=True)) if a != c), len(pattern))
         valid = [k for k in self.hidden if k <= differs]
         return max(valid) if valid else None
