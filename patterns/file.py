@@ -15,7 +15,8 @@ Schema (version 1), one JSON object:
                          fingerprint (sha256 of the token windows), scored_positions, positions_over_topk}
     seed                the calibration seed
     search              {strategy, blocks, forced_full, pruning, cache, layer_forwards, seconds, device,
-                         layers_on (device → decoder layers), dtype, kernels, batch_size}
+                         layers_on (device → decoder layers), dtype, kernels, batch_size, threads (batches run
+                         at once)}
     versions            {indexcache, torch, transformers, datasets, python}
     loss_all_full       mean next-token NLL with every available indexer on
     loss_final          mean next-token NLL with the pattern

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# One intra-op thread per test process and for the commands tests start (torchrun ranks, CLI subprocesses): the
+# tiny models' ops are too small for two threads to share, and `pytest -n 2` (CI) runs one process per core.
+if not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import VOCAB, deepseek_model, glm_model  # noqa: E402

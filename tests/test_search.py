@@ -12,7 +12,15 @@ from indexcache.runtime.forward import LayerwiseModel
 from indexcache.runtime.patch import index_sharing
 from indexcache.search import scoring
 from indexcache.search.greedy import SearchState, block_starts, greedy_search, initial_state
-from indexcache.search.scoring import CachedScorer, CachePlan, PatternScorer, PrunedScorer, flip, plan_cache
+from indexcache.search.scoring import (
+    CachedScorer,
+    CachePlan,
+    PatternScorer,
+    PrunedScorer,
+    flip,
+    plan_cache,
+    reuse_room,
+)
 
 from tiny_models import glm_model, random_ids
 
@@ -29,15 +37,16 @@ def _run(
     checkpoint=None,
     batch_size: int = 2,
     forced=(),
+    threads: int = 1,
 ):
     model = glm_model(seed=seed, num_layers=NUM_LAYERS)
     windows = random_ids(4, 40, seed=seed)
     lw = LayerwiseModel(model, ARCH)
     with torch.no_grad(), index_sharing(model, ARCH) as sharing:
         scorer = {
-            "naive": lambda: PatternScorer(lw, sharing, windows, batch_size),
-            "cached": lambda: CachedScorer(lw, sharing, windows, batch_size, plan),
-            "pruned": lambda: PrunedScorer(lw, sharing, windows, 1, plan),
+            "naive": lambda: PatternScorer(lw, sharing, windows, batch_size, threads=threads),
+            "cached": lambda: CachedScorer(lw, sharing, windows, batch_size, plan, threads=threads),
+            "pruned": lambda: PrunedScorer(lw, sharing, windows, 1, plan, threads=threads),
         }[strategy]()
         state = state or initial_state(NUM_LAYERS, list(range(NUM_LAYERS)), target, list(forced))
         result = greedy_search(scorer, state, checkpoint=checkpoint)
@@ -105,7 +114,8 @@ def test_cached_equals_naive(plan):
 @pytest.mark.parametrize("every", [1, 3], ids=lambda e: f"every{e}")
 @pytest.mark.parametrize("strategy", ["cached", "pruned"])
 def test_commit_installs_the_winners_run_instead_of_recomputing(strategy, every):
-    runs = {spare: _run(strategy, target=2, plan=CachePlan("device", every, spare)) for spare in (0.0, 0.3, 2.0)}
+    spares = (0.0, 0.3, 2.0, reuse_room(NUM_LAYERS))
+    runs = {spare: _run(strategy, target=2, plan=CachePlan("device", every, spare)) for spare in spares}
     recomputed, recomputing_scorer, _ = runs[0.0]
     for state, scorer, _ in runs.values():
         assert [s.__dict__ for s in state.trajectory] == [s.__dict__ for s in recomputed.trajectory]
@@ -118,9 +128,34 @@ def test_commit_installs_the_winners_run_instead_of_recomputing(strategy, every)
             assert torch.equal(mine.nll, theirs.nll)
     # With room for two suffixes every commit is free: it would have rerun layers ≥ l* on all 4 windows.
     commit_cost = sum((NUM_LAYERS - (s.flipped - s.flipped % every)) * 4 for s in recomputed.trajectory)
-    reusing = runs[2.0][1].layer_forwards
-    assert reusing == recomputing_scorer.layer_forwards - commit_cost
-    assert reusing <= runs[0.3][1].layer_forwards <= recomputing_scorer.layer_forwards
+    forwards = [runs[spare][1].layer_forwards for spare in spares]
+    assert forwards[2] <= recomputing_scorer.layer_forwards - commit_cost
+    assert forwards[3] <= forwards[2] <= forwards[1] <= forwards[0]
+    if strategy == "cached":
+        # With room for every candidate's run, candidate l restarts at the last flipped layer w when w > l.
+        expected, full, last = NUM_LAYERS, set(range(NUM_LAYERS)), 0
+        for s in recomputed.trajectory:
+            restarts = [max(layer, last) for layer in full - {0}]
+            expected += sum(NUM_LAYERS - (r - r % every) for r in restarts)
+            full.remove(s.flipped)
+            last = s.flipped
+        assert forwards[3] == expected * 4
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cached", "pruned"])
+def test_batches_on_two_threads_give_the_same_bits(strategy):
+    """Windows scored on two threads at once (the CPU search): the same trajectory, cache and work, bit for bit."""
+    plan = CachePlan("device", 1, reuse_room(NUM_LAYERS))
+    (one, one_scorer, _), (two, two_scorer, _) = (
+        _run(strategy, target=2, plan=plan, batch_size=1, threads=t) for t in (1, 2)
+    )
+    assert [s.__dict__ for s in two.trajectory] == [s.__dict__ for s in one.trajectory]
+    assert two.loss_all_full == one.loss_all_full
+    assert two_scorer.layer_forwards == one_scorer.layer_forwards
+    assert two_scorer.state.indexer_calls == one_scorer.state.indexer_calls
+    for mine, theirs in zip(getattr(two_scorer, "cache", []), getattr(one_scorer, "cache", []), strict=True):
+        assert mine.hidden.keys() == theirs.hidden.keys()
+        assert all(torch.equal(mine.hidden[i], theirs.hidden[i]) for i in mine.hidden)
 
 
 def test_cache_plan_follows_free_memory(monkeypatch):
@@ -129,7 +164,7 @@ def test_cache_plan_follows_free_memory(monkeypatch):
     # fp32 hidden states and int32 top-8 indices per layer
     need = NUM_LAYERS * windows.numel() * (lw.base.config.hidden_size * 4 + 8 * 4)
     for free, expected in [
-        (100 * need, CachePlan("device", 1, 2.0)),
+        (100 * need, CachePlan("device", 1, reuse_room(NUM_LAYERS))),
         (2.4 * need, CachePlan("device", 1, pytest.approx(0.8))),
         (0.5 * need, CachePlan("device", 4, pytest.approx(0.5))),
     ]:

@@ -20,7 +20,14 @@ from .models.loading import resolve_device, weight_bytes_by_layer
 from .patterns import file as pattern_file
 from .patterns.layout import from_full_layers, full_layers, num_full_for_ratio, uniform
 from .search.greedy import Observer, SearchState, block_starts, greedy_search, initial_state
-from .search.scoring import CachedScorer, PatternScorer, PrunedScorer, parse_cache_option, plan_cache
+from .search.scoring import (
+    CachedScorer,
+    PatternScorer,
+    PrunedScorer,
+    parse_cache_option,
+    plan_cache,
+    window_threads,
+)
 from .steps import calibration_context, calibration_windows
 
 
@@ -72,12 +79,13 @@ def make_scorer(
     prune_keep,
     world: World | None = None,
     link: StageLink | None = None,
+    threads: int = 1,
 ) -> PatternScorer:
     """The scorer of `strategy` (naive, cached, pruned) over `windows`, with its prefix-cache plan; under several
     processes (`world`) each step's candidates are shared among the replicas, and `link` is this rank's
-    pipeline stage (its prefix cache holds the stage's layers only)."""
+    pipeline stage (its prefix cache holds the stage's layers only); `threads` batches run at once."""
     ids, first_label = windows.input_ids, windows.first_label
-    where = {"first_label": first_label, "world": world, "link": link}
+    where = {"first_label": first_label, "world": world, "link": link, "threads": threads}
     if strategy == "naive":
         return PatternScorer(lw, state, ids, batch_size, **where)
     plan = plan_cache(lw, ids, cache, None if link is None else link.stop - link.start)
@@ -231,7 +239,8 @@ def search(
         return result
 
     with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
-        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world, link)
+        threads = window_threads(lw.input_device, backend, world.size)
+        scorer = make_scorer(strategy, lw, sharing, windows, batch_size, cache, prune_keep, world, link, threads)
         inputs_key = {
             "model_config_sha256": loaded.config_sha256,
             "data_fingerprint": windows.fingerprint,
@@ -282,6 +291,7 @@ def search(
             "dtype": str(loaded.model.dtype).replace("torch.", ""),
             "kernels": backend,
             "batch_size": batch_size,
+            "threads": threads,
             **_placement(loaded, world, link),
         }
 
@@ -382,10 +392,10 @@ def _held_out_losses(
     pipeline stage)."""
     loaded = load_weights(checkpoint, dtype, device, device_map, max_memory, held=_held(link))
     rows = []
-    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, _):
-        scorer = PatternScorer(
-            lw, sharing, windows.input_ids, batch_size, first_label=windows.first_label, world=world, link=link
-        )
+    with calibration_context(loaded, kernels, windows.input_ids.shape[1]) as (lw, sharing, backend):
+        threads = window_threads(lw.input_device, backend, world.size)
+        where = {"first_label": windows.first_label, "world": world, "link": link, "threads": threads}
+        scorer = PatternScorer(lw, sharing, windows.input_ids, batch_size, **where)
         for name, pattern in named(loaded.indexer_layers):
             rows.append(
                 {"name": name, "pattern": pattern, "num_full": len(full_layers(pattern)), "loss": scorer.loss(pattern)}

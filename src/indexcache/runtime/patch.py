@@ -9,6 +9,7 @@ between forwards without reloading anything; leaving the context puts every orig
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,15 +33,29 @@ class SharingState:
 
     Attributes:
         pattern: F/S string, one letter per layer; assign to change it between forwards.
-        buffer: int [B, S, k] top-k indices of the last F layer that ran, or None before the first one.
+        buffer: int [B, S, k] top-k indices of the last F layer that ran, or None before the first one; one per
+            thread, so threads can run forwards of separate windows at once (the search does on the CPU).
         indexer_calls: how often each layer's indexer really ran (tests use it to prove S layers skip).
     """
 
     def __init__(self, pattern: str, indexer_layers: list[int]):
         self.indexer_layers = set(indexer_layers)
-        self.buffer: torch.Tensor | None = None
+        self._per_thread = threading.local()
+        self._calls_lock = threading.Lock()
         self.indexer_calls: Counter[int] = Counter()
         self.pattern = pattern
+
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        return getattr(self._per_thread, "buffer", None)
+
+    @buffer.setter
+    def buffer(self, selection: torch.Tensor | None) -> None:
+        self._per_thread.buffer = selection
+
+    def count_indexer_call(self, layer: int) -> None:
+        with self._calls_lock:
+            self.indexer_calls[layer] += 1
 
     @property
     def pattern(self) -> str:
@@ -86,7 +101,7 @@ class _IndexerSwitch(nn.Module):
         """Every family passes hidden_states [B, S, D] first; the rest is the family's own indexer call."""
         state = self.state
         if state.pattern[self.layer_idx] == FULL:
-            state.indexer_calls[self.layer_idx] += 1
+            state.count_indexer_call(self.layer_idx)
             state.buffer = self.compute(self.inner, hidden_states, *args, **kwargs)
             return self.output(state.buffer)
         if state.buffer is None:

@@ -15,9 +15,14 @@ computes.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import re
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 
@@ -42,6 +47,23 @@ class CandidateScore:
     windows: int
 
 
+@cache
+def _window_pool(threads: int) -> ThreadPoolExecutor:
+    """Threads that each run one batch's forward with one intra-op thread of their own."""
+    return ThreadPoolExecutor(
+        threads, thread_name_prefix="indexcache-window", initializer=torch.set_num_threads, initargs=(1,)
+    )
+
+
+def window_threads(device: torch.device, backend: str, processes: int = 1) -> int:
+    """How many batches' forwards a scorer runs at once: in one process on the CPU's reference path, one per
+    intra-op thread (the small ops of one layer keep two intra-op threads waiting on each other, separate windows
+    do not; `scripts/profile_quickstart.py`); elsewhere one (a GPU is busy with one, the Triton interpreter stays
+    on one thread, and torchrun's `processes` already share the cores)."""
+    on_cpu_reference = device.type == "cpu" and backend == "reference" and processes == 1
+    return torch.get_num_threads() if on_cpu_reference else 1
+
+
 class PatternScorer:
     """Exact loss of any pattern over the calibration windows, by full forwards (the `naive` strategy).
 
@@ -49,6 +71,8 @@ class PatternScorer:
         windows: int64 [N, L] calibration token windows, run `batch_size` windows at a time.
         world: the processes that share the work (this one alone by default).
         link: this rank's pipeline stage (default: one stage holding every layer).
+        threads: batches whose forwards run at once, one thread each (`window_threads`; one stage only); the
+            losses are the same bits as one after the other.
     """
 
     strategy = "naive"
@@ -62,9 +86,12 @@ class PatternScorer:
         first_label: int = 1,
         world: World | None = None,
         link: StageLink | None = None,
+        threads: int = 1,
     ):
         self.world = world or World()
         self.link = link or StageLink.alone(lw.num_layers)
+        self.threads = threads
+        self._lock = threading.Lock()  # the counters and the runs kept, when batches run on several threads
         self.lw = lw
         self.state = state
         self.batch_size = batch_size
@@ -73,6 +100,26 @@ class PatternScorer:
         self.first_label = first_label  # tokens before it (a window's prefix) are fed but not scored
         self.tokens_per_window = windows.shape[1] - first_label
         self.layer_forwards = 0  # this process's own
+
+    def _map_batches(self, fn: Callable[[int], torch.Tensor], batches: Iterable[int]) -> list[torch.Tensor]:
+        """[fn(b) for b in batches], `self.threads` at a time, each in the caller's context (kernel choice, grad
+        and inference mode)."""
+        batches = list(batches)
+        if self.threads == 1 or len(batches) < 2:
+            return [fn(b) for b in batches]
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def in_context(b: int) -> torch.Tensor:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(b)
+
+        context = contextvars.copy_context()
+        futures = [_window_pool(self.threads).submit(context.copy().run, in_context, b) for b in batches]
+        return [f.result() for f in futures]
+
+    def _count(self, layer_forwards: int) -> None:
+        with self._lock:
+            self.layer_forwards += layer_forwards
 
     def _mean(self, nll_sums: list[torch.Tensor]) -> float:
         windows = sum(s.numel() for s in nll_sums)
@@ -118,7 +165,7 @@ class PatternScorer:
                 exc.pipeline_wide = True  # every stage raises it here, so the replicas' gather can carry it
                 raise
             if into is not None:
-                into.nll = nll
+                into.nll, into.pattern = nll, pattern
         return ordered
 
     def _enter(self, b: int, start: int) -> tuple[torch.Tensor, LayerState]:
@@ -130,7 +177,7 @@ class PatternScorer:
     def _run(self, b: int, start: int, stop: int, hidden, layer_state, into) -> torch.Tensor:
         """hidden entering layer `start` → hidden entering `stop`, for batch `b`."""
         inputs = self.lw.layer_inputs(self.batches[b])
-        self.layer_forwards += (stop - start) * self.batches[b].shape[0]
+        self._count((stop - start) * self.batches[b].shape[0])
         return self.lw.run_layers(hidden, inputs, start, stop, layer_state)
 
     def _batch_nll(self, pattern: str, b: int) -> torch.Tensor:
@@ -143,9 +190,9 @@ class PatternScorer:
         sums = iter(self._stream([run for item in share for run in runs[item]]))
         return {item: [next(sums) for _ in runs[item]] for item in share}
 
-    def _scores(self, candidates: list[int], runs_of, cost=None, on_candidate=None) -> dict[int, CandidateScore]:
+    def _pipelined_scores(self, candidates: list[int], runs_of, cost=None, on_candidate=None):
         """The score of each candidate layer from its runs (`runs_of(layer)`), the candidates shared among the
-        replicas: a pipeline streams its whole share at once, one process scores one candidate after another."""
+        pipelines, each streaming its whole share at once."""
 
         def scored(share: list[int]) -> dict[int, CandidateScore]:
             return {
@@ -153,9 +200,7 @@ class PatternScorer:
                 for layer, sums in self._streamed(share, runs_of).items()
             }
 
-        if self.link.world.stages > 1:
-            return self.world.map_shares(scored, candidates, cost, on_candidate)
-        return self.world.map(lambda layer: scored([layer])[layer], candidates, cost, on_candidate)
+        return self.world.map_shares(scored, candidates, cost, on_candidate)
 
     def _finite(self, nll: torch.Tensor, pattern: str, b: int) -> torch.Tensor:
         """`nll` if every value is finite; else stop the run, naming the batch and the first layer that broke.
@@ -188,10 +233,13 @@ class PatternScorer:
         return "the final norm / LM head"
 
     def loss(self, pattern: str) -> float:
-        """Exact loss of `pattern`, its window batches shared among the replicas."""
+        """Exact loss of `pattern`, its window batches shared among the replicas (one process: on its threads)."""
+        batches = range(len(self.batches))
+        if self.world.size == 1:
+            return self._mean(self._map_batches(lambda b: self._batch_nll(pattern, b), batches))
         sums = self.world.map_shares(
             lambda share: {b: nll[0] for b, nll in self._streamed(share, lambda b: [(pattern, b, 0, None)]).items()},
-            range(len(self.batches)),
+            batches,
         )
         return self._mean(list(sums.values()))
 
@@ -203,9 +251,15 @@ class PatternScorer:
         """Loss of each `flip(pattern, l)` for l in `candidates`, the candidates shared among the ranks."""
 
         batches = range(len(self.batches))
-        return self._scores(
-            candidates, lambda layer: [(flip(pattern, layer), b, 0, None) for b in batches], on_candidate=on_candidate
-        )
+        if self.link.world.stages > 1:
+            runs = lambda layer: [(flip(pattern, layer), b, 0, None) for b in batches]  # noqa: E731
+            return self._pipelined_scores(candidates, runs, on_candidate=on_candidate)
+
+        def full_forwards(layer: int) -> CandidateScore:
+            sums = self._map_batches(lambda b: self._batch_nll(flip(pattern, layer), b), batches)
+            return CandidateScore(self._mean(sums), self.num_windows)
+
+        return self.world.map(full_forwards, candidates, on_result=on_candidate)
 
 
 @dataclass
@@ -219,12 +273,14 @@ class _Activations:
         entering_state: kept layer → the cross-layer state (e.g. shared KV) when that layer starts; None where
             the family has none.
         nll: summed NLL per window, fp64 [B], of the run that produced them.
+        pattern: the pattern they were computed under (a candidate's run; None for the prefix cache).
     """
 
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     entering_index: dict[int, torch.Tensor | None] = field(default_factory=dict)
     entering_state: dict[int, LayerState] = field(default_factory=dict)
     nll: torch.Tensor | None = None
+    pattern: str | None = None
 
     def install(self, other: _Activations) -> None:
         """Take over `other`'s layers (a later start of the same pattern) and its loss."""
@@ -233,35 +289,77 @@ class _Activations:
         self.entering_state.update(other.entering_state)
         self.nll = other.nll
 
+    def keep_below(self, layer: int) -> None:
+        """Forget the layers from `layer` on (they no longer hold for the pattern to come)."""
+        for kept in [k for k in self.hidden if k >= layer]:
+            del self.hidden[kept], self.entering_index[kept], self.entering_state[kept]
+
+    def restart_layer(self, pattern: str) -> int | None:
+        """The last kept layer whose entering activations also hold under `pattern` (those entering layer j
+        depend on layers < j only, so every kept j up to the first layer where the patterns differ), or None."""
+        if self.pattern is None:  # a run that never finished
+            return None
+        differs = next((i for i, (a, c) in enumerate(zip(self.pattern, pattern, strict=True)) if a != c), len(pattern))
+        valid = [k for k in self.hidden if k <= differs]
+        return max(valid) if valid else None
+
 
 class _Suffixes:
-    """Candidates' activations from their restart layer on, kept until the step's winner is known.
+    """Candidates' own runs from their restart layer on, by candidate layer and batch, kept across steps.
 
     Committing a flip of l* would rerun layers ≥ l* on every window; the winner already ran exactly that while
-    being scored, so its recorded activations are installed instead. At most `budget` hidden-state tensors (one
-    per kept layer and batch) are held; a run that does not fit is not recorded and is recomputed at commit.
+    being scored, so its recorded activations are installed instead. The other candidates' runs stay: after the
+    flip of l*, candidate l < l* differs from its last run only from l* on, so it restarts at l* from its own run
+    rather than at l from the prefix cache (the same activations, bit for bit). At most `budget` hidden-state
+    tensors (one per kept layer and batch) are held; to fit a new run the other candidates' runs are dropped
+    (the latest layers first: they restart latest anyway), never the step's best; a run that still does not fit
+    is not recorded (the winner's is then recomputed at commit).
     """
 
     def __init__(self, budget: int):
         self.budget = budget
-        self.used = 0
         self.held: dict[int, dict[int, _Activations]] = {}
+        self.best: int | None = None  # the step's best fully scored candidate: the likely winner
 
-    def fits(self, tensors: int) -> bool:
+    @property
+    def used(self) -> int:
+        return sum(len(a.hidden) for runs in self.held.values() for a in runs.values())
+
+    def get(self, layer: int, batch: int) -> _Activations | None:
+        return self.held.get(layer, {}).get(batch)
+
+    def make_room(self, tensors: int, scoring: int) -> bool:
+        """Whether `tensors` more fit, after dropping other candidates' runs than `scoring`'s and the best's."""
+        droppable = sorted(set(self.held) - {scoring, self.best}, reverse=True)
+        while self.used + tensors > self.budget and droppable:
+            del self.held[droppable.pop(0)]
         return self.used + tensors <= self.budget
 
     def add(self, layer: int, batch: int, acts: _Activations) -> None:
         self.held.setdefault(layer, {})[batch] = acts
-        self.used += len(acts.hidden)
+
+    def discard(self, layer: int, batch: int) -> None:
+        self.held.get(layer, {}).pop(batch, None)
 
     def keep_only(self, layers) -> None:
         for layer in set(self.held) - set(layers):
-            self.used -= sum(len(a.hidden) for a in self.held.pop(layer).values())
+            del self.held[layer]
 
-    def take(self, layer: int | None) -> dict[int, _Activations]:
-        """The runs recorded for candidate `layer` (none for None), by batch; everything else is dropped."""
-        taken = self.held.get(layer, {}) if layer is not None else {}
-        self.held, self.used = {}, 0
+    def take(self, committed: str, winner: int | None, keep_others: bool) -> dict[int, _Activations]:
+        """The winner's runs under `committed` (none for None), by batch. The other candidates' runs are kept,
+        cut to what still holds for their flip of `committed`, when `keep_others`; else dropped."""
+        taken = {b: a for b, a in self.held.pop(winner, {}).items() if a.pattern == committed}
+        if not keep_others:
+            self.held = {}
+        for layer in list(self.held):
+            if committed[layer] != FULL:
+                del self.held[layer]
+                continue
+            for run in self.held[layer].values():
+                restart = run.restart_layer(flip(committed, layer))
+                run.keep_below(0 if restart is None else restart + 1)
+            self.held[layer] = {b: run for b, run in self.held[layer].items() if run.hidden}
+        self.best = None
         return taken
 
 
@@ -273,9 +371,10 @@ class CachePlan:
         location: "device" (the model's own device) or "host" (CPU memory, pinned when a GPU is used).
         every: keep the hidden states entering every `every`-th layer; candidates recompute from the nearest
             kept layer below them.
-        spare: room for candidates' own activations, as a multiple of the cache (0 to 2): with 2 the best
-            candidate so far and the one being scored both fit, so every commit installs the winner's run
-            instead of recomputing it.
+        spare: room for candidates' own activations, as a multiple of the cache: with 2 the best candidate so
+            far and the one being scored both fit, so every commit installs the winner's run instead of
+            recomputing it; with `reuse_room(num_layers)` every candidate's run fits, so each also restarts from
+            its own run after a later layer's flip.
     """
 
     location: str = "device"
@@ -285,10 +384,16 @@ class CachePlan:
     def describe(self) -> str:
         kept = "every layer" if self.every == 1 else f"every {self.every} layers (recomputing between)"
         if self.spare:
-            reuse = f"winner's activations reused at commit (room {self.spare:.2g}× the cache)"
+            reuse = f"candidates' activations reused at commit and after later flips (room {self.spare:.2g}× the cache)"
         else:
             reuse = "commits recompute the winner's layers"
         return f"prefix cache in {self.location} memory, {kept}; {reuse}"
+
+
+def reuse_room(num_layers: int) -> float:
+    """Room, as a multiple of the cache, for every candidate's run of the first step (candidate l keeps layers
+    l … N−1: (N−1)/2 caches in all) and the one being scored."""
+    return (num_layers + 1) / 2
 
 
 def parse_cache_option(requested: str) -> tuple[str, int | None]:
@@ -308,8 +413,8 @@ def plan_cache(
     `host`, `every:K`, or `auto` (from free memory).
 
     The cache (hidden states and top-k index buffers of the kept layers, `cache_bytes_per_layer`) takes at most
-    half the free memory of its location; `spare` (room for the winner's activations) comes out of what is left
-    up to three quarters.
+    half the free memory of its location; `spare` (room for candidates' activations, at most `reuse_room`) comes
+    out of what is left up to three quarters.
     """
     kind, every = parse_cache_option(requested)
     on_gpu = lw.input_device.type == "cuda"
@@ -320,7 +425,8 @@ def plan_cache(
 
     def with_spare(location: str, every: int) -> CachePlan:
         kept = need / every
-        return CachePlan(location, every, max(0.0, min(2.0, (0.75 * free[location] - kept) / kept)))
+        room = (0.75 * free[location] - kept) / kept
+        return CachePlan(location, every, max(0.0, min(reuse_room(lw.num_layers), room)))
 
     if kind == "every":
         return with_spare(host, every)
@@ -378,8 +484,9 @@ class CachedScorer(PatternScorer):
         first_label: int = 1,
         world=None,
         link=None,
+        threads: int = 1,
     ):
-        super().__init__(lw, state, windows, batch_size, first_label, world, link)
+        super().__init__(lw, state, windows, batch_size, first_label, world, link, threads)
         self.plan = plan or CachePlan()
         self.committed: str | None = None
         self.inputs: list[LayerInputs] = []
@@ -415,9 +522,10 @@ class CachedScorer(PatternScorer):
             layer_state.to(self.lw.input_device, non_blocking=True)  # KVSharingDict.to works in place
         return layer_state
 
-    def _enter(self, b: int, start: int) -> tuple[torch.Tensor, LayerState]:
-        """The committed pattern's cached activations entering kept layer `start`, on the model's device."""
-        entry = self.cache[b]
+    def _enter(self, b: int, start: int, entering: _Activations | None = None) -> tuple[torch.Tensor, LayerState]:
+        """The activations entering kept layer `start` — `entering`'s, by default the committed pattern's cache
+        — on the model's device."""
+        entry = self.cache[b] if entering is None else entering
         self.state.buffer = self._load(entry.entering_index[start], self.lw.input_device)
         return self._load(entry.hidden[start], self.lw.input_device), self._load_state(entry.entering_state[start])
 
@@ -434,13 +542,22 @@ class CachedScorer(PatternScorer):
                 into.entering_state[layer] = self._store_state(layer_state, host_copies)
                 into.hidden[layer] = self._store(hidden)
             hidden = self.lw.run_layers(hidden, self.inputs[b], layer, layer + 1, layer_state)
-        self.layer_forwards += (stop - start) * self.batches[b].shape[0]
+        self._count((stop - start) * self.batches[b].shape[0])
         return hidden
 
-    def _run_from(self, pattern: str, b: int, start: int, into: _Activations | None) -> torch.Tensor:
-        """Run batch `b` from kept layer `start` to the end under `pattern`, recording into `into` if given.
-        Returns the summed NLL per window, fp64 [B]."""
-        return self._stream([(pattern, b, start, into)])[0]
+    def _run_from(
+        self, pattern: str, b: int, start: int, into: _Activations | None, entering: _Activations | None = None
+    ) -> torch.Tensor:
+        """Run batch `b` from kept layer `start` to the end under `pattern` on one stage holding every layer,
+        recording into `into` if given; `entering` holds the activations entering `start` (default: the prefix
+        cache). Returns the summed NLL per window, fp64 [B]."""
+        self.state.pattern = pattern
+        hidden, layer_state = self._enter(b, start, entering)
+        hidden = self._run(b, start, self.lw.num_layers, hidden, layer_state, into)
+        nll = self._finite(self.lw.nll_sum(hidden, self.batches[b], self.first_label), pattern, b)
+        if into is not None:
+            into.nll, into.pattern = nll, pattern
+        return nll
 
     def _first_kept(self, layer: int) -> int:
         return layer - layer % self.plan.every
@@ -466,30 +583,43 @@ class CachedScorer(PatternScorer):
         else:
             start = next(i for i, (a, c) in enumerate(zip(self.committed, pattern, strict=True)) if a != c)
             winner = start if pattern == flip(self.committed, start) else None
-        recorded = self.suffixes.take(winner)
-        for b, entry in enumerate(self.cache):
-            if b in recorded:
-                entry.install(recorded[b])
+        recorded = self.suffixes.take(pattern, winner, keep_others=self.world.size == 1)
+        for b, run in recorded.items():
+            self.cache[b].install(run)
         first = self._first_kept(start)
-        self._stream([(pattern, b, first, entry) for b, entry in enumerate(self.cache) if b not in recorded])
+        rerun = [(pattern, b, first, entry) for b, entry in enumerate(self.cache) if b not in recorded]
+        if self.link.world.stages > 1:
+            self._stream(rerun)
+        else:
+            self._map_batches(lambda run: self._run_from(*run), rerun)
         self.committed = pattern
         return self._mean([entry.nll for entry in self.cache])
 
     def _flip_nll(self, layer: int, b: int) -> torch.Tensor:
-        """Summed NLL of batch `b` with `layer` flipped; the run is kept for commit while there is room."""
+        """Summed NLL of batch `b` with `layer` flipped, from the candidate's own last run where it still holds
+        (a later layer flipped since), else from the prefix cache; the run is kept while there is room."""
         assert self.committed is not None and self.committed[layer] == FULL
-        start = self._first_kept(layer)
-        kept_layers = len(range(start, self.lw.num_layers, self.plan.every))
-        into = _Activations() if self.suffixes.fits(kept_layers) else None
-        nll = self._run_from(flip(self.committed, layer), b, start, into)
-        if into is not None:
-            self.suffixes.add(layer, b, into)
-        return nll
+        pattern = flip(self.committed, layer)
+        with self._lock:
+            own = self.suffixes.get(layer, b)
+            restart = own.restart_layer(pattern) if own is not None else None
+            if restart is None:
+                self.suffixes.discard(layer, b)
+                own, start, entering = _Activations(), self._first_kept(layer), None
+            else:
+                own.keep_below(restart + 1)  # the layers after it are rerun
+                start, entering = restart, own
+            new_layers = len(range(start, self.lw.num_layers, self.plan.every)) - (entering is not None)
+            into = own if self.suffixes.make_room(new_layers, scoring=layer) else None
+            if into is not None:
+                self.suffixes.add(layer, b, into)  # held while it runs, so other threads count its room
+        return self._run_from(pattern, b, start, into, entering)
 
     def _keep_best_suffix(self, scores: dict[int, CandidateScore]) -> None:
-        """Only the best fully scored candidate so far (ties: lowest layer, as the search) can win."""
+        """The best fully scored candidate so far (ties: lowest layer, as the search) is the one likely to win:
+        its run is never dropped for room."""
         exact = [layer for layer, s in scores.items() if s.windows == self.num_windows]
-        self.suffixes.keep_only([min(exact, key=lambda layer: (scores[layer].loss, layer))] if exact else [])
+        self.suffixes.best = min(exact, key=lambda layer: (scores[layer].loss, layer)) if exact else None
 
     def score(self, pattern, candidates, on_candidate=None):
         if pattern != self.committed:
@@ -497,11 +627,11 @@ class CachedScorer(PatternScorer):
         if self.link.world.stages > 1:
             batches = range(len(self.batches))
             runs = lambda layer: [(flip(pattern, layer), b, self._first_kept(layer), None) for b in batches]  # noqa: E731
-            return self._scores(candidates, runs, self._restart_cost, on_candidate)
+            return self._pipelined_scores(candidates, runs, self._restart_cost, on_candidate)
         scores = {}  # this rank's; a winner scored elsewhere is recomputed here at commit
 
         def restart(layer: int) -> CandidateScore:
-            sums = [self._flip_nll(layer, b) for b in range(len(self.batches))]
+            sums = self._map_batches(lambda b: self._flip_nll(layer, b), range(len(self.batches)))
             scores[layer] = CandidateScore(self._mean(sums), self.num_windows)
             self._keep_best_suffix(scores)
             return scores[layer]
@@ -531,8 +661,9 @@ class PrunedScorer(CachedScorer):
         first_label=1,
         world=None,
         link=None,
+        threads=1,
     ):
-        super().__init__(lw, state, windows, batch_size, plan, first_label, world, link)
+        super().__init__(lw, state, windows, batch_size, plan, first_label, world, link, threads)
         self.keep = keep
         self.min_survivors = min_survivors
         n = len(self.batches)
@@ -560,7 +691,9 @@ class PrunedScorer(CachedScorer):
                 added = self.world.map_shares(lambda share, runs=runs: self._streamed(share, runs), alive, cost)
             else:
                 added = self.world.map(
-                    lambda layer, upto=upto: [self._flip_nll(layer, b) for b in range(len(sums[layer]), upto)],
+                    lambda layer, upto=upto: self._map_batches(
+                        lambda b: self._flip_nll(layer, b), range(len(sums[layer]), upto)
+                    ),
                     alive,
                     cost=cost,
                 )
