@@ -7,9 +7,9 @@
 # $OUT (or /tmp/gpu_tests), prints the counts and writes gpu_tests_<card>_<date>.json beside them: card, date,
 # commit, the pytest arguments and the counts; commit that file under scripts/results/. The commit is
 # $GIT_COMMIT, else `git rev-parse HEAD` (the device machine's copy has no .git: pass GIT_COMMIT=... there).
-# With pytest-xdist installed the tests run in one worker per core but two, each worker on one thread: on the
-# 16-core H200 machine the whole suite took 468 s with 12 workers of 16 threads each (cut before its end) and its
-# slowest eighth 37 s with 14 workers of one thread (2026-12-01).
+# With pytest-xdist installed the tests run in one worker per core but two, each worker on one thread. On the
+# 16-core H200 machine (2026-12-01) 12 workers of 16 threads each had not finished the suite after 468 s; one
+# worker of one thread ran all of it in 298 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
@@ -17,9 +17,10 @@ commit=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 source scripts/gpu_env.sh || exit 1
 out=${OUT:-/tmp/gpu_tests}
 mkdir -p "$out"
+cores=$(nproc)  # before OMP_NUM_THREADS is set: nproc reads it
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 workers=()
-if python3 -c "import xdist" 2>/dev/null; then workers=(-n "$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))"); fi
+if python3 -c "import xdist" 2>/dev/null; then workers=(-n "$((cores > 3 ? cores - 2 : 1))"); fi
 python3 -m pytest -q -p no:cacheprovider -rf "${workers[@]}" --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
 status=${PIPESTATUS[0]}
 python3 scripts/gpu_tests_result.py "$out/junit.xml" --commit "$commit" --args "${workers[*]} $*" --out "$out" || exit 1
